@@ -1,0 +1,1469 @@
+"""gpt.py: GPT-2 in one file that you can read from top to bottom, then run.
+
+    python gpt.py train            # train a character-level GPT on input.txt (Shakespeare)
+    python gpt.py sample           # write text with the checkpoint that training saved
+    python gpt.py bench            # measure this machine: training and sampling speed
+    python gpt.py train --help     # every flag, with its default
+
+The model is GPT-2 exactly (Radford et al. 2019, "Language Models are Unsupervised Multitask
+Learners", and OpenAI's released code): token and position embeddings, a stack of pre-LayerNorm
+transformer blocks with causal multi-head self-attention and a 4x-wide GELU MLP, a final
+LayerNorm, and an output layer that shares its weights with the token embedding. Its
+parameters carry the names of OpenAI's checkpoint, so GPT.from_pretrained("gpt2") loads the
+real weights into it.
+
+Read it in order; nothing is used before it is defined:
+    1. Config           what a model is made of: GPTConfig
+    2. Tokenizers       text <-> integers: CharTokenizer, BPETokenizer
+    3. Data             a text file -> batches of (input, target) windows
+    4. Model            attention, MLP, block, GPT, and the KV cache used for sampling
+    5. Devices          CPU / CUDA / Apple MPS, and the number formats (float32, bfloat16)
+    6. Checkpoints      one file holds everything needed to sample or to resume training
+    7. Training         the loop: AdamW, warm-up + cosine learning rate, evaluation, logging
+    8. Sampling         temperature, top-k, top-p, streamed token by token
+    9. GPT-2 weights    reading OpenAI's released checkpoints (safetensors)
+   10. Benchmark        how fast this machine trains and samples
+   11. Command line     `train`, `sample` and `bench`
+
+Shapes are written in comments with these letters:
+    B  batch size (how many sequences at once)     T  time (tokens in a sequence)
+    C  channels (n_embd, the width of the model)   V  vocabulary size
+    nh number of attention heads                   hs head size (C // nh)
+    L  number of layers (blocks)
+"""
+
+import argparse
+import codecs
+import contextlib
+import dataclasses
+import json
+import math
+import mmap
+import os
+import random
+import signal
+import sys
+import time
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# torch prints a warning at import when NumPy is missing; gpt.py never uses NumPy.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tiktoken
+
+
+class GPTError(ValueError):
+    """A problem a person can act on: a bad flag, an unreadable file, a prompt the vocabulary
+    cannot encode, a diverged run. The command line prints it as one line, without a
+    traceback; a bug in gpt.py still shows its traceback."""
+
+
+def option(default, help, **argparse_kwargs):
+    """A dataclass field that is also a command-line flag: its default and its --help text."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+def require(condition, message):
+    if not condition:
+        raise GPTError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config
+#
+# Everything that decides the *shape* of a model, and so which checkpoints it can load. The
+# defaults are a "typical" small model: about 4.8M parameters, trained in a few minutes on a
+# GPU or overnight on a laptop's CPU. GPT-2 small is GPTConfig(50257, 1024, 12, 12, 768).
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65    # how many different tokens: 65 characters in Shakespeare, 50257 for GPT-2's BPE
+    block_size: int = 256   # the longest context the model can look at (T <= block_size)
+    n_layer: int = 6        # how many transformer blocks are stacked
+    n_head: int = 8         # attention heads per block; each looks at hs = n_embd // n_head channels
+    n_embd: int = 256       # C: the width of every token's vector
+    dropout: float = 0.0    # probability of zeroing an activation while training (GPT-2 used 0.1)
+    bias: bool = True       # GPT-2 has biases in its Linear and LayerNorm layers
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0,
+                    f"{name} must be a positive whole number, got {value!r}")
+        require(self.n_embd % self.n_head == 0,
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                f"each head gets n_embd // n_head channels")
+        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Tokenizers
+#
+# A model reads integers, not text. A tokenizer turns text into a list of token ids and back.
+# Both tokenizers below offer the same four things (encode, decode, vocab_size, token_bytes),
+# so the model and the training loop never know which one they were given.
+#
+# - CharTokenizer: one token per character. The vocabulary is the sorted set of characters of
+#   the training text (65 for Shakespeare). Tiny vocabulary, long sequences.
+# - BPETokenizer: GPT-2's byte-level byte-pair encoding, through tiktoken. It starts from the
+#   256 byte values (so it can encode *any* string), learned 50,000 merges of frequent pairs,
+#   and adds one special token, <|endoftext|>: 256 + 50,000 + 1 = 50,257 ids. Common words are
+#   one token each, so a sequence is about 4x shorter than in characters.
+# ----------------------------------------------------------------------------------------------
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, chars):
+        self.chars = "".join(chars)
+        self.index = {ch: i for i, ch in enumerate(self.chars)}
+        require(len(self.index) == len(self.chars) and self.chars,
+                "a character vocabulary needs distinct characters, at least one")
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def encode(self, text):
+        unknown = sorted(set(text) - self.index.keys())
+        if unknown:
+            shown = ", ".join(repr(ch) for ch in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+            raise GPTError(f"the character vocabulary ({len(self.chars)} characters of the training "
+                             f"text) lacks {len(unknown)} character(s) of this text: {shown}")
+        return [self.index[ch] for ch in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def token_bytes(self, i):
+        return self.chars[i].encode("utf-8")
+
+    @property
+    def start_token(self):
+        """What an empty prompt starts from: a new line, where a speech begins in a play."""
+        return self.index.get("\n", 0)
+
+    def to_dict(self):
+        return {"kind": self.kind, "chars": self.chars}
+
+
+class BPETokenizer:
+    kind = "bpe"
+
+    def __init__(self):
+        try:
+            self.encoding = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken raises whatever its download raised
+            raise GPTError(
+                "could not load GPT-2's BPE files: tiktoken downloads them on first use, which needs "
+                "network access, and keeps them in the folder named by TIKTOKEN_CACHE_DIR; set "
+                f"TIKTOKEN_CACHE_DIR to a folder that holds them ({type(e).__name__}: {e})".splitlines()[0]
+            ) from None
+
+    @property
+    def vocab_size(self):
+        return self.encoding.n_vocab  # 50257
+
+    def encode(self, text):
+        # allowed_special: the text "<|endoftext|>" becomes the special token, as in GPT-2's data
+        return self.encoding.encode(text, allowed_special="all")
+
+    def decode(self, ids):
+        return self.encoding.decode(ids)
+
+    def token_bytes(self, i):
+        # One BPE token can hold part of a multi-byte character, so streaming works on bytes.
+        return self.encoding.decode_single_token_bytes(i)
+
+    @property
+    def start_token(self):
+        """What an empty prompt starts from: <|endoftext|>, which begins every document in GPT-2."""
+        return self.encoding.eot_token  # 50256
+
+    def to_dict(self):
+        return {"kind": self.kind, "encoding": "gpt2"}
+
+
+def tokenizer_from_dict(d):
+    if d.get("kind") == "char":
+        return CharTokenizer(d["chars"])
+    if d.get("kind") == "bpe":
+        return BPETokenizer()
+    raise GPTError(f"unknown tokenizer {d!r}: expected kind 'char' or 'bpe'")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Data
+#
+# The whole text is encoded once into one long tensor of token ids. The first 90% trains the
+# model, the last 10% measures how well it does on text it never trained on (validation).
+# A training example is a random window of block_size + 1 tokens: the model reads the first
+# block_size and, at every position t, predicts the token at t + 1. So one window teaches
+# block_size predictions at once, each with a different amount of context.
+# ----------------------------------------------------------------------------------------------
+
+def read_text(path):
+    """Read a UTF-8 text file, with a clear error for every way it can be wrong."""
+    path = Path(path)
+    require(path.exists(), f"data file {str(path)!r} does not exist")
+    require(not path.is_dir(), f"data file {str(path)!r} is a directory, not a text file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise GPTError(f"cannot read data file {str(path)!r}: {e.strerror}") from None
+    require(raw, f"data file {str(path)!r} is empty")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise GPTError(f"data file {str(path)!r} is not UTF-8 text: byte {e.start} (line {line}) "
+                         f"is {raw[e.start:e.start + 1]!r}; save it as UTF-8") from None
+
+
+def split_data(ids, block_size):
+    """One tensor of token ids -> (train, val): the first 90% and the last 10%."""
+    data = torch.tensor(ids, dtype=torch.long)
+    n_train = int(0.9 * len(data))
+    train, val = data[:n_train], data[n_train:]
+    need = 10 * (block_size + 1) + 10  # enough for the 10% validation split to hold one window
+    require(len(train) > block_size and len(val) > block_size,
+            f"the data has {len(data)} tokens: too short for one window of block_size + 1 = "
+            f"{block_size + 1} tokens in both the training split (90%) and the validation split "
+            f"(10%); give a text of at least {need} tokens or a smaller --block-size")
+    return train, val
+
+
+def get_batch(data, block_size, batch_size, generator):
+    """batch_size random windows of data -> inputs x and targets y, both (B, T); y is x shifted by one."""
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
+    windows = data[starts[:, None] + torch.arange(block_size + 1)]  # (B, 1) + (T+1,) -> (B, T+1)
+    return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Model
+#
+#   idx (B, T) token ids
+#    -> wte(idx) + wpe(0..T-1)              token embedding + position embedding   (B, T, C)
+#    -> n_layer x Block:                    each block is "pre-LayerNorm" (GPT-2, section 2.3):
+#           x = x + attn(ln_1(x))             tokens exchange information (attention)
+#           x = x + mlp(ln_2(x))              each token thinks on its own (MLP)
+#    -> ln_f                                a final LayerNorm
+#    -> lm_head                             (B, T, C) -> (B, T, V): a score for every next token
+#
+# The additions `x = x + ...` form the "residual stream": each block reads it and writes a
+# correction into it, so gradients flow straight from the loss to the first layer.
+# ----------------------------------------------------------------------------------------------
+
+def causal_attention_written_out(q, k, v, dropout_p=0.0):
+    """Attention as the paper writes it: softmax(q @ k^T / sqrt(hs), causally masked) @ v.
+
+    q is (B, nh, Tq, hs); k and v are (B, nh, Tk, hs) with Tk >= Tq: the queries are the last
+    Tq of the Tk positions (Tq == Tk in training; Tq == 1 when sampling with a KV cache).
+    """
+    Tq, Tk, hs = q.size(-2), k.size(-2), q.size(-1)
+    # How well each query matches each key. Dividing by sqrt(hs) keeps the scores' variance
+    # near 1 whatever the head size, so the softmax does not saturate (Vaswani et al. 2017).
+    # Dividing q gives the same scores as dividing the result, on a tensor Tk / hs times smaller.
+    scores = (q / math.sqrt(hs)) @ k.transpose(-2, -1)  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
+    # The causal mask: the query at position t may look at keys 0..t, never at the future.
+    # Query i sits at position Tk - Tq + i, hence the diagonal offset.
+    causal_mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)  # (Tq, Tk)
+    scores.masked_fill_(~causal_mask, float("-inf"))  # in place: a future key gets weight exp(-inf) = 0
+    weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk): each row sums to 1
+    weights = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+    return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
+
+
+def causal_attention_fused(q, k, v, dropout_p=0.0):
+    """The same computation in one fused kernel (flash attention), which never builds the
+    (Tq, Tk) score matrix in memory. A test checks that both versions agree."""
+    Tq, Tk = q.size(-2), k.size(-2)
+    if Tq == Tk:  # training, or the first pass over a prompt
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if Tq == 1:  # one new token with a KV cache: it may look at every earlier position
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    # is_causal aligns its mask to the top-left corner, which is wrong when Tq < Tk.
+    return causal_attention_written_out(q, k, v, dropout_p)
+
+
+def fused_attention_pays(q):
+    """Which version to run. The fused kernel, except in two cases:
+    - Apple's MPS: its is_causal kernel has let half-precision tokens see the future
+      (pytorch issue 195910); the written-out version is correct there.
+    - Training in bfloat16 on a CPU with a context up to 512: PyTorch's fused CPU kernel is slow
+      to differentiate in bfloat16. Forward + backward of one layer of the default model
+      (B 16, nh 8, T 256, hs 32) took 41 ms fused and 27 ms written out on a 2-core AVX-512 CPU;
+      in float32, or at T = 1024, the fused kernel is the faster one.
+    """
+    if q.device.type == "mps":
+        return False
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+        return q.size(-2) > 512
+    return True
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention: every token asks a question (query), offers a label (key) and
+    a message (value); it collects the messages of earlier tokens whose labels match its
+    question. nh heads do this in parallel on hs-wide slices of the channels."""
+
+    def __init__(self, config):
+        super().__init__()
+        # c_attn computes q, k and v for all heads in one matmul: C -> 3C ("c_" for GPT-2's Conv1D).
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # c_proj mixes the heads' outputs back into the residual stream: C -> C.
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        # True: always the written-out version (the tests use it to compare the two).
+        self.written_out = False
+
+    def forward(self, x, kv_cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) -> (B, T, 3C) -> 3 x (B, T, C)
+        # Split the channels into heads and move the head axis next to batch, so that every
+        # head is an independent attention computation.
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        if kv_cache is not None:  # sampling: add this step's keys and values to the earlier ones
+            k, v = kv_cache.store(layer, k, v)  # (B, nh, T, hs) -> (B, nh, T_past + T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if fused_attention_pays(q) and not self.written_out:
+            y = causal_attention_fused(q, k, v, dropout_p)  # (B, nh, T, hs)
+        else:
+            y = causal_attention_written_out(q, k, v, dropout_p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C) -> (B, T, C)
+
+
+class MLP(nn.Module):
+    """A two-layer network applied to every token on its own: widen 4x, GELU, narrow back."""
+
+    def __init__(self, config):
+        super().__init__()
+        # 4x wide, as in the original Transformer (d_ff = 4 * d_model) and in GPT-2.
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = self.c_fc(x)  # (B, T, C) -> (B, T, 4C)
+        # GELU with the tanh approximation, exactly as GPT-2's code computes it.
+        x = F.gelu(x, approximate="tanh")
+        x = self.c_proj(x)  # (B, T, 4C) -> (B, T, C)
+        return self.dropout(x)
+
+
+class Block(nn.Module):
+    """One transformer block. LayerNorm comes *before* each part (GPT-2's change from the
+    original post-LayerNorm Transformer), which keeps deep stacks stable to train."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)  # eps 1e-5, as GPT-2
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class KVCache:
+    """The keys and values of every position seen so far, for every layer.
+
+    Without it, sampling each new token recomputes the whole context: T positions of work for
+    one new token. The keys and values of earlier positions never change (a position only looks
+    backwards), so we keep them and compute only the new position: one position of work.
+    """
+
+    def __init__(self, config, batch_size):
+        hs = config.n_embd // config.n_head
+        self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, hs)  # (L, B, nh, block_size, hs)
+        self.k = self.v = None  # allocated at the first store, in the dtype and on the device of the keys
+        self.length = 0  # how many positions are stored
+
+    def store(self, layer, k, v):
+        """Store the keys and values of the new positions; return those of all positions so far."""
+        if self.k is None:
+            self.k = k.new_zeros(self.shape)
+            self.v = v.new_zeros(self.shape)
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k  # (B, nh, T_new, hs) into (B, nh, block_size, hs)
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, T_past + T_new, hs)
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # "word token embedding": id -> vector
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # "word position embedding": position -> vector
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),  # the "hidden" layers
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),  # the final LayerNorm
+        ))
+        # The output layer turns a vector back into a score per token. It *is* the token
+        # embedding, transposed ("weight tying", Press & Wolf 2017; GPT-2 does it): a token's
+        # input vector and output vector are one, and the model saves V x C parameters.
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+        # GPT-2's initialisation: every weight from a normal distribution with std 0.02, biases
+        # zero, LayerNorms the identity (PyTorch's default). The layers that write into the
+        # residual stream (the two c_proj) are scaled down by 1/sqrt(2 * n_layer): the stream
+        # adds 2 of them per block, and this keeps its variance from growing with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            elif name.endswith(".weight") and p.dim() == 2:  # Linear and Embedding weights
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())  # the tied matrix is counted once
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        With targets (B, T), loss is the mean cross-entropy of predicting targets[:, t] from
+        idx[:, :t+1]. With a kv_cache, idx holds only the new tokens, placed after the cached ones.
+        """
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"a sequence of {start + T} tokens is longer than block_size "
+                             f"{self.config.block_size}, the longest this model has positions for")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,) the positions of these tokens
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)  # (B, T, C) -> (B, T, C)
+        if kv_cache is not None:
+            kv_cache.length = start + T
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
+        if targets is None:
+            return logits, None
+        # Cross-entropy in float32 even under autocast: it sums many small terms.
+        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))  # (B*T, V) vs (B*T,)
+        return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0, block_size=None):
+        """OpenAI's GPT-2 weights in this model: "gpt2" (124M), "gpt2-medium" (350M),
+        "gpt2-large" (774M), "gpt2-xl" (1558M), or a local Hugging Face GPT-2 folder or
+        .safetensors file. The next section explains the file format and the names."""
+        config, state = read_gpt2_weights(name_or_path)
+        config = dataclasses.replace(config, dropout=dropout)
+        model = cls(config)
+        model.load_state_dict(state)
+        if block_size is not None and block_size < config.block_size:
+            model.crop_block_size(block_size)
+        return model
+
+    def crop_block_size(self, block_size):
+        """Keep the first block_size position embeddings: a shorter context, cheaper to fine-tune."""
+        self.config = dataclasses.replace(self.config, block_size=block_size)
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+
+    def flops_per_token(self):
+        """Floating-point operations to train on one token, forward and backward (PaLM paper,
+        appendix B; nanoGPT): 6 per weight of every matmul (2 forward, 4 backward), plus the
+        attention scores and their weighted sum, 12 * L * T * C. The position embedding is a
+        lookup, not a matmul, so it is left out; the tied token embedding counts once, as lm_head."""
+        c = self.config
+        n_matmul = self.num_parameters() - self.transformer.wpe.weight.numel()
+        return 6 * n_matmul + 12 * c.n_layer * c.block_size * c.n_embd
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. GPT-2's released weights
+#
+# OpenAI released GPT-2 in four sizes; the Hugging Face hub serves them as two files:
+# config.json (the shape) and model.safetensors (the weights). The safetensors format is
+# simple enough to read by hand, and it holds only numbers, so a file from a stranger cannot
+# run code:
+#
+#     8 bytes        N, the length of the header (a little-endian unsigned integer)
+#     N bytes        a JSON header: {tensor name: {"dtype": "F32", "shape": [768, 2304],
+#                                     "data_offsets": [begin, end]}, "__metadata__": {...}}
+#     the rest       the raw bytes of every tensor, at its offsets
+#
+# The names are ours without the "transformer." prefix (h.0.attn.c_attn.weight, ...), because
+# our parameter names follow OpenAI's checkpoint. One difference: GPT-2's code computes its
+# linear layers with a "Conv1D" that stores the weight as (in, out), where nn.Linear stores
+# (out, in). So the four matrices of each block (attn.c_attn, attn.c_proj, mlp.c_fc,
+# mlp.c_proj) are transposed on the way in. The embeddings are lookups, not Conv1D, and need
+# no transposing; lm_head is the token embedding, so it is not stored separately.
+# ----------------------------------------------------------------------------------------------
+
+GPT2_SIZES = {  # name: (n_layer, n_head, n_embd); all four have 1024 positions and 50257 tokens
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+GPT2_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}. The tensors are views of a memory map of the
+    file: nothing is read from disk until a tensor is used."""
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: writable, never written back
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise GPTError(f"cannot read {str(path)!r} as a safetensors file ({e})".splitlines()[0]) from None
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        require(info.get("dtype") in SAFETENSORS_DTYPES,
+                f"{path}: tensor {name} has dtype {info.get('dtype')}; gpt.py reads {', '.join(SAFETENSORS_DTYPES)}")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        require(8 + header_size + end <= len(buffer), f"{path} is truncated: tensor {name} ends past the end of the file")
+        count = (end - begin) // dtype.itemsize
+        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=8 + header_size + begin)
+        tensors[name] = flat.view(info["shape"])
+    return tensors
+
+
+def gpt2_config_from_json(path):
+    """Hugging Face's config.json for GPT-2 -> GPTConfig, refusing settings our model does not have."""
+    try:
+        hf = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise GPTError(f"cannot read {str(path)!r} as a GPT-2 config.json ({e})".splitlines()[0]) from None
+    different = {  # settings that would make the checkpoint compute something other than GPT-2
+        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
+        "n_inner": (hf.get("n_inner"), (None, 4 * hf.get("n_embd", 768))),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
+        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
+    }
+    for key, (value, accepted) in different.items():
+        require(value in accepted, f"{path}: {key} = {value!r}, but gpt.py computes GPT-2 with {key} = {accepted[0]!r}")
+    try:
+        return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
+    except KeyError as e:
+        raise GPTError(f"{path} lacks the key {e.args[0]!r} that a GPT-2 config.json has") from None
+
+
+def read_gpt2_weights(name_or_path):
+    """-> (GPTConfig, state dict with our names), every tensor's name and shape checked."""
+    if name_or_path in GPT2_SIZES:
+        folder = download_gpt2(name_or_path)
+        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    else:
+        path = Path(name_or_path)
+        if path.is_dir():
+            config_path, weights_path = path / "config.json", path / "model.safetensors"
+            require(weights_path.exists(), f"{str(path)!r} has no model.safetensors")
+        elif path.is_file() and path.suffix == ".safetensors":
+            config_path, weights_path = path.with_name("config.json"), path
+        else:
+            raise GPTError(f"--init-from {name_or_path!r}: expected one of {', '.join(GPT2_SIZES)}, a folder "
+                           f"holding config.json and model.safetensors, or a .safetensors file")
+    tensors = read_safetensors(weights_path)
+    tensors = {name.removeprefix("transformer."): t for name, t in tensors.items()}
+    if config_path.exists():
+        config = gpt2_config_from_json(config_path)
+    else:  # a bare .safetensors: read the shape off the tensors; every GPT-2 size has 64-wide heads
+        require("wte.weight" in tensors and "wpe.weight" in tensors, f"{weights_path} holds no GPT-2 embeddings (wte, wpe)")
+        (vocab_size, n_embd), block_size = tensors["wte.weight"].shape, tensors["wpe.weight"].shape[0]
+        n_layer = len({name.split(".")[1] for name in tensors if name.startswith("h.")})
+        config = GPTConfig(vocab_size, block_size, n_layer, max(1, n_embd // 64), n_embd)
+
+    with torch.device("meta"):  # the expected names and shapes, without allocating any memory
+        expected = GPT(config).state_dict()
+    state = {}
+    for name, t in tensors.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # older files store GPT-2's causal mask as a buffer; we build ours
+        if name == "lm_head.weight":
+            require(torch.equal(t, tensors["wte.weight"]), f"{weights_path}: lm_head.weight differs from wte.weight; "
+                    "GPT-2 ties them, and so does gpt.py")
+            continue
+        ours = "transformer." + name
+        require(ours in expected, f"{weights_path}: unexpected tensor {name!r}, not part of GPT-2")
+        if name.endswith(CONV1D_WEIGHTS):
+            t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
+        require(t.shape == expected[ours].shape, f"{weights_path}: {name} has shape {tuple(t.shape)}, "
+                f"expected {tuple(expected[ours].shape)} for this config")
+        state[ours] = t.float()
+    missing = [name for name in expected if name not in state and name != "lm_head.weight"]
+    if missing:
+        raise GPTError(f"{weights_path} lacks {len(missing)} tensor(s) of GPT-2, the first "
+                       f"{missing[0].removeprefix('transformer.')!r}")
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # tied: one tensor under two names
+    return config, state
+
+
+def cache_folder():
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt.py"
+
+
+def download_gpt2(name):
+    """Fetch config.json and model.safetensors of a GPT-2 size once; afterwards read them offline."""
+    folder = cache_folder() / name
+    for file in ("config.json", "model.safetensors"):
+        target = folder / file
+        if not target.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            download(GPT2_URL.format(name=name, file=file), target)
+    return folder
+
+
+def download(url, target):
+    """Download url to target with progress on stderr. The bytes go to target.part first, which
+    an interrupted download resumes from (an HTTP Range request); target appears only once complete."""
+    part = target.with_name(target.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if response.status != 206:  # the server sent the whole file: start from its first byte
+                have = 0
+            total = have + int(response.headers.get("Content-Length", 0))
+            with open(part, "ab" if have else "wb") as f:
+                last_report = 0.0
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    have += len(chunk)
+                    if time.time() - last_report > 1 or have == total:
+                        log(f"downloading {target.name}: {have / 1e6:,.0f} of {total / 1e6:,.0f} MB", end="\r")
+                        last_report = time.time()
+        log("")
+    except (OSError, ValueError) as e:  # urllib's errors are OSErrors
+        raise GPTError(f"could not download {url} ({e}); rerun to resume it, or give --init-from a local "
+                       f"folder holding config.json and model.safetensors".splitlines()[0]) from None
+    require(total == 0 or have == total, f"download of {url} stopped at {have} of {total} bytes; rerun to resume it")
+    os.replace(part, target)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Devices and number formats
+#
+# The same code runs on a CPU, an NVIDIA GPU (CUDA) and an Apple GPU (MPS). Mixed precision
+# runs the matmuls in a 16-bit format while the weights and the optimizer stay in float32.
+# bfloat16 keeps float32's range (8 exponent bits) with fewer digits, so it needs no loss
+# scaling; float16 has more digits but a small range, so its gradients must be scaled up to
+# avoid underflow (a GradScaler). Which one `--dtype auto` picks, and why:
+#   CUDA: bfloat16 where the GPU supports it (Ampere and newer), else float16.
+#   CPU:  bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX); there a bfloat16
+#         matmul runs 2.2x faster than a float32 one (measured on the machine in README.md).
+#         Elsewhere float32: emulated bfloat16 is slower than float32.
+#   MPS:  float32. We have not measured half precision on Apple GPUs.
+# ----------------------------------------------------------------------------------------------
+
+def log(message, end="\n"):
+    """Progress and diagnostics go to stderr; stdout carries only sampled text."""
+    print(message, file=sys.stderr, end=end, flush=True)
+
+
+def pick_device(name):
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return torch.device("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu")
+    require(name in available, f"unknown device {name!r}: expected auto, cpu, cuda or mps")
+    require(available[name], f"device {name!r} is not available on this machine "
+            f"(available: {', '.join(d for d, ok in available.items() if ok)})")
+    return torch.device(name)
+
+
+def cpu_has_native_bfloat16():
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_native_bfloat16():
+            return torch.bfloat16
+        return torch.float32
+    require(name in DTYPES, f"unknown dtype {name!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device, dtype):
+    """Run the matmuls in dtype (mixed precision); float32 needs no context at all."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Checkpoints
+#
+# One torch.save'd dict holds everything needed to sample or to continue training:
+#     format            the version of this layout (CHECKPOINT_FORMAT)
+#     model_state       the weights (the plain module's names: no "_orig_mod." from --compile)
+#     config            the GPTConfig, as a plain dict
+#     tokenizer         {"kind": "char", "chars": ...} or {"kind": "bpe", "encoding": "gpt2"}
+#     step, loss        optimizer steps done, and the training loss of the last one
+#     best_val_loss     the best validation loss so far; history: every evaluation
+#     optimizer_state   AdamW's moments; scaler_state for float16
+#     train_args        every training setting; rng: every random generator's state
+#
+# Files are loaded with weights_only=True: only tensors and plain Python data, never code, so
+# opening a checkpoint someone sent you cannot run anything. A save goes to a temporary file in
+# the same folder, is flushed to disk, and then renamed over the old file in one step
+# (os.replace), so a crash or a kill at any moment leaves the old checkpoint or the new one.
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("format", "model_state", "config", "tokenizer", "step", "loss")
+
+
+def save_checkpoint(checkpoint, path):
+    path = Path(path)
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed halfway
+        leftover.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them "the" checkpoint
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise GPTError(f"could not write {path}: {e.strerror or e}; the previous {path.name} is untouched") from None
+        raise
+    if os.name == "posix":  # make the rename itself durable
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint as data only, with a clear error for each way a file can be wrong."""
+    path = Path(path)
+    require(path.exists(), f"checkpoint {str(path)!r} does not exist; train one with: "
+            f"python gpt.py train --out-dir {path.parent}")
+    require(path.is_file(), f"checkpoint {str(path)!r} is not a file")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch.load raises many types; each means "not a readable checkpoint"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e):
+            raise GPTError(f"refused to load {path}: it holds Python objects that could run code when "
+                           f"unpickled, and gpt.py loads checkpoints as data only") from None
+        if isinstance(e, OSError):
+            raise GPTError(f"cannot read checkpoint {path}: {e.strerror or reason}") from None
+        raise GPTError(f"{path} is not a readable checkpoint (truncated, or not written by gpt.py): {reason}") from None
+    require(isinstance(checkpoint, dict), f"{path} is not a gpt.py checkpoint: it holds a {type(checkpoint).__name__}")
+    version = checkpoint.get("format")
+    require(version == CHECKPOINT_FORMAT, f"{path} has checkpoint format {version!r}; this gpt.py reads format "
+            f"{CHECKPOINT_FORMAT}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    require(not missing, f"{path} is not a complete checkpoint: it lacks {', '.join(missing)}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path="checkpoint"):
+    """-> (GPT with the checkpoint's weights, its tokenizer)."""
+    try:
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model_state"])
+    except (TypeError, RuntimeError, KeyError) as e:
+        raise GPTError(f"{path}: its weights do not fit its config ({str(e).splitlines()[0]})") from None
+    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    require(tokenizer.vocab_size == model.config.vocab_size, f"{path}: the tokenizer has {tokenizer.vocab_size} "
+            f"tokens but the model {model.config.vocab_size}")
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Training
+#
+# Each step: take a batch of random windows, compute the loss (how surprised the model is by
+# each next token), backpropagate, clip the gradient, let AdamW update the weights. Every
+# eval_interval steps, measure the loss on held-out text; keep the weights whose validation
+# loss is best (ckpt.pt) and the latest state (last.pt), from which --resume continues.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    data: str = option("input.txt", "UTF-8 text file to train on")
+    tokenizer: str = option(None, "char: one token per character; bpe: GPT-2's 50,257 tokens", choices=("char", "bpe"),
+                            default_text="char; with --resume the checkpoint's; with --init-from bpe")
+    out_dir: str = option("out", "folder for ckpt.pt (best validation loss) and last.pt (latest state)")
+    init_from: str = option(None, "start from GPT-2's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
+                            "local folder or .safetensors file (the shape comes from it)", default_text="a new model")
+    resume: bool = option(False, "continue the run saved in --out-dir, from last.pt; flags you give override its settings")
+    device: str = option("auto", "where to train; auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = option("auto", "number format of the matmuls (see section 6 of gpt.py)", choices=("auto", *DTYPES))
+    compile: bool = option(False, "torch.compile the model (slow to start; pays on GPUs, not on CPUs)")
+    seed: int = option(1337, "seed for the weights, the batches and dropout")
+    n_layer: int = option(None, "transformer blocks", type=int, default_text=f"{GPTConfig.n_layer}, or the checkpoint's")
+    n_head: int = option(None, "attention heads per block", type=int, default_text=f"{GPTConfig.n_head}, or the checkpoint's")
+    n_embd: int = option(None, "width of the model (C)", type=int, default_text=f"{GPTConfig.n_embd}, or the checkpoint's")
+    block_size: int = option(None, "context length in tokens (T); with --init-from, a smaller value crops GPT-2's 1024",
+                             type=int, default_text=f"{GPTConfig.block_size}, or the checkpoint's")
+    dropout: float = option(0.0, "dropout probability while training")
+    batch_size: int = option(16, "sequences per micro-batch (B)")
+    grad_accum: int = option(1, "micro-batches per optimizer step (the gradient is their mean)")
+    max_iters: int = option(5000, "optimizer steps to train for (5k steps: a usable model)")
+    lr: float = option(1e-3, "peak learning rate, reached after the warm-up")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay (Chinchilla: lr / 10)")
+    warmup_iters: int = option(100, "steps of linear warm-up from 0 to --lr")
+    lr_decay_iters: int = option(None, "step at which the cosine decay reaches --min-lr", type=int, default_text="--max-iters")
+    weight_decay: float = option(0.1, "AdamW weight decay, applied to weight matrices only")
+    beta2: float = option(0.99, "AdamW beta2; 0.99 suits small batches (GPT-3 used 0.95 at 0.5M tokens a step)")
+    grad_clip: float = option(1.0, "clip the gradient's global norm to this")
+    eval_interval: int = option(250, "evaluate (and save) every this many steps")
+    eval_iters: int = option(40, "batches averaged for each evaluation of the train and val loss")
+    peak_flops: float = option(None, "peak FLOP/s for the MFU figure", type=float,
+                               default_text="a matmul probe on CPU, the card's published peak on CUDA")
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "lr_decay_iters"):
+            value = getattr(self, name)
+            require(value is None or value > 0, f"--{flag(name)} must be a positive whole number, got {value}")
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0, f"--{flag(name)} must be a positive whole number, got {value}")
+        require(self.warmup_iters >= 0, f"--warmup-iters must be 0 or more, got {self.warmup_iters}")
+        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
+        require(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        require(0 < self.beta2 < 1, f"--beta2 must be in (0, 1), got {self.beta2}")
+        require(self.grad_clip > 0, f"--grad-clip must be positive, got {self.grad_clip}")
+        require(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        require(self.peak_flops is None or self.peak_flops > 0, f"--peak-flops must be positive, got {self.peak_flops}")
+        require(self.tokenizer in (None, "char", "bpe"), f"unknown tokenizer {self.tokenizer!r}: expected char or bpe")
+        if self.n_embd is not None and self.n_head is not None:
+            require(self.n_embd % self.n_head == 0, f"--n-embd ({self.n_embd}) must be divisible by --n-head "
+                    f"({self.n_head}): each head gets n_embd // n_head channels")
+
+
+def flag(name):
+    return name.replace("_", "-")
+
+
+def learning_rate(step, cfg):
+    """Linear warm-up (big early updates would wreck the random initial weights), then a cosine
+    decay to min_lr (GPT-3, section B; Chinchilla: decay to lr / 10)."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step >= decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW. Weight decay pulls weights towards zero; it applies to the matrices (the Linear
+    and Embedding weights), not to biases and LayerNorm gains, whose size has no reason to be
+    small. beta1 0.9 as in GPT-3. The fused kernel does the whole update in one pass."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=True)
+    except RuntimeError:  # this device has no fused AdamW
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
+
+
+def train_step(model, params, optimizer, scaler, next_batch, grad_accum, context, grad_clip):
+    """One optimizer step over grad_accum micro-batches -> the mean loss, as a tensor: reading
+    its value would make the CPU wait for the GPU, so the loop does that only when it logs."""
+    total = torch.zeros((), device=params[0].device)
+    for _ in range(grad_accum):
+        x, y = next_batch()
+        with context:
+            _, loss = model(x, y)
+        scaler.scale(loss / grad_accum).backward()  # gradients add up over the micro-batches
+        total += loss.detach()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)  # one bad batch cannot throw the weights far
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / grad_accum
+
+
+@torch.no_grad()
+def estimate_loss(model, data, cfg, block_size, device, context, seed):
+    """Mean loss over eval_iters batches. The batches come from their own generator, seeded the
+    same way each time: evaluations are comparable and never disturb the training batches."""
+    model.eval()  # turns dropout off
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros((), device=device)
+    for _ in range(cfg.eval_iters):
+        x, y = get_batch(data, block_size, cfg.batch_size, generator)
+        with context:
+            _, loss = model(x.to(device), y.to(device))
+        total += loss
+    model.train()
+    return (total / cfg.eval_iters).item()
+
+
+def peak_flops(device, dtype):
+    """The FLOP/s the hardware could reach in dtype, for the MFU (model FLOPs utilisation)
+    figure. On a GPU, the card's published dense peak; elsewhere (and for an unlisted card) a
+    probe: the best of a few large matmuls, which is what the training step mostly does."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        bf16_peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                      "A10G": 70e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor cores
+        for card, peak in bf16_peaks.items():
+            if card in name:
+                return peak if dtype != torch.float32 else peak / 2  # float32 matmuls run as TF32
+    n = 1024
+    generator = torch.Generator().manual_seed(0)  # its own: the probe must not move the training's random state
+    a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(4):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type != "cpu":
+            torch.cuda.synchronize() if device.type == "cuda" else torch.mps.synchronize()
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * n**3 / best
+
+
+def duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@contextlib.contextmanager
+def ctrl_c_finishes_the_step():
+    """While training, the first Ctrl-C asks the loop to stop after the current step (it then
+    saves and exits); a second one stops at once."""
+    requested = []
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(True)
+        log("\nCtrl-C: finishing this step, then saving (Ctrl-C again stops at once, without saving)")
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave Ctrl-C alone
+        previous = None
+    try:
+        yield requested
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def resumed_config(given):
+    """--resume: the settings saved in the run's checkpoint, overridden by the flags given now."""
+    checkpoint = load_checkpoint(resume_path(Path(given.get("out_dir", TrainConfig.out_dir))))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = {k: v for k, v in checkpoint.get("train_args", {}).items() if k in fields}
+    return TrainConfig(**{**saved, **given})
+
+
+def resume_path(out_dir):
+    """--resume continues from last.pt, the latest state; ckpt.pt if a run left only that."""
+    return out_dir / "last.pt" if (out_dir / "last.pt").exists() else out_dir / "ckpt.pt"
+
+
+def check_writable(out_dir):
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise GPTError(f"cannot write to --out-dir {str(out_dir)!r}: {e.strerror or e}") from None
+
+
+def train(cfg):
+    """Train as cfg says. -> {"step", "best_val_loss", "history", "interrupted"}."""
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    out_dir = Path(cfg.out_dir)
+    text = read_text(cfg.data)
+
+    # Everything that can be wrong with the input is checked before anything is written.
+    resume = load_checkpoint(resume_path(out_dir)) if cfg.resume else None
+    model = None
+    if resume is None:
+        for name in ("ckpt.pt", "last.pt"):
+            require(not (out_dir / name).exists(), f"{out_dir / name} already holds a training run: continue it with "
+                    f"--resume, or train into another --out-dir")
+    if resume is not None:
+        tokenizer = tokenizer_from_dict(resume["tokenizer"])
+        config = dataclasses.replace(GPTConfig(**resume["config"]), dropout=cfg.dropout)
+        source = f"the checkpoint {resume_path(out_dir)}"
+    elif cfg.init_from is not None:
+        tokenizer = BPETokenizer()
+        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
+        config = model.config
+        source = f"--init-from {cfg.init_from}"
+    else:
+        tokenizer = CharTokenizer.from_text(text) if cfg.tokenizer in (None, "char") else BPETokenizer()
+        config = GPTConfig(tokenizer.vocab_size, cfg.block_size or GPTConfig.block_size, cfg.n_layer or GPTConfig.n_layer,
+                           cfg.n_head or GPTConfig.n_head, cfg.n_embd or GPTConfig.n_embd, cfg.dropout)
+        source = None
+    if source is not None:  # the shape comes from the checkpoint: a flag may only repeat it
+        given = {"tokenizer": cfg.tokenizer, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+                 "block_size": cfg.block_size}
+        ours = {"tokenizer": tokenizer.kind, **{k: getattr(config, k) for k in given if k != "tokenizer"}}
+        for name, value in given.items():
+            if value is not None and value != ours[name]:
+                raise GPTError(f"--{flag(name)} {value} does not match {source}, which has {name} {ours[name]}")
+    cfg = dataclasses.replace(cfg, tokenizer=tokenizer.kind, n_layer=config.n_layer, n_head=config.n_head,
+                              n_embd=config.n_embd, block_size=config.block_size)
+    train_data, val_data = split_data(tokenizer.encode(text), config.block_size)
+    check_writable(out_dir)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = (model or GPT(config)).to(device)
+    params = list(model.parameters())
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batches = torch.Generator().manual_seed(cfg.seed)
+    step, best_val, history = 0, float("inf"), []
+    if resume is not None:
+        model.load_state_dict(resume["model_state"])
+        optimizer.load_state_dict(resume["optimizer_state"])
+        if "scaler_state" in resume:
+            scaler.load_state_dict(resume["scaler_state"])
+        step, best_val, history = resume["step"], resume["best_val_loss"], resume["history"]
+        rng = resume["rng"]
+        torch.set_rng_state(rng["torch"])
+        batches.set_state(rng["batches"])
+        random.setstate(rng["python"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+    forward = torch.compile(model) if cfg.compile else model
+    context = autocast(device, dtype)
+
+    def next_batch():
+        x, y = get_batch(train_data, config.block_size, cfg.batch_size, batches)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def checkpoint(loss):
+        rng = {"torch": torch.get_rng_state(), "batches": batches.get_state(), "python": random.getstate()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        state = {"format": CHECKPOINT_FORMAT, "model_state": model.state_dict(), "config": dataclasses.asdict(config),
+                 "tokenizer": tokenizer.to_dict(), "step": step, "loss": loss, "best_val_loss": best_val,
+                 "history": history, "optimizer_state": optimizer.state_dict(), "train_args": dataclasses.asdict(cfg),
+                 "rng": rng}
+        if scaler.is_enabled():
+            state["scaler_state"] = scaler.state_dict()
+        return state
+
+    tokens_per_step = cfg.batch_size * config.block_size * cfg.grad_accum
+    flops_per_step = model.flops_per_token() * tokens_per_step
+    peak = cfg.peak_flops or peak_flops(device, dtype)
+    log(f"model: {model.num_parameters():,} parameters, {config.n_layer} layers x {config.n_head} heads x "
+        f"{config.n_embd} wide, context {config.block_size}, {tokenizer.kind} tokenizer ({config.vocab_size} tokens)")
+    log(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens from {cfg.data}")
+    log(f"device: {device.type}, {str(dtype).removeprefix('torch.')}, {tokens_per_step:,} tokens per step, "
+        f"peak {peak / 1e9:,.0f} GFLOP/s" + (f"; resuming at step {step}" if resume is not None else ""))
+
+    first_bad_step = torch.full((), -1, device=device)  # set on the device, read only when we log
+    loss = torch.full((), float("nan"))  # the last step's training loss: none yet
+
+    def check_finite():
+        bad = int(first_bad_step)
+        if bad >= 0:
+            last_good = f"{history[-1]['val']:.4f} at step {history[-1]['step']}" if history else "none yet"
+            raise GPTError(f"training diverged: the loss became NaN or infinite at step {bad} (last good val loss "
+                           f"{last_good}); {out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
+
+    def evaluate_and_save():
+        nonlocal best_val
+        check_finite()
+        start = time.perf_counter()
+        losses = {"step": step, "train": estimate_loss(forward, train_data, cfg, config.block_size, device, context,
+                                                       cfg.seed + 1),
+                  "val": estimate_loss(forward, val_data, cfg, config.block_size, device, context, cfg.seed + 2)}
+        require(math.isfinite(losses["val"]), f"training diverged: the val loss is {losses['val']} at step {step}; "
+                f"{out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
+        history.append(losses)
+        note = ""
+        if losses["val"] < best_val:
+            best_val = losses["val"]
+            save_checkpoint(checkpoint(float(loss)), out_dir / "ckpt.pt")
+            note = ", best so far: saved ckpt.pt"
+        save_checkpoint(checkpoint(float(loss)), out_dir / "last.pt")
+        log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note} "
+            f"({time.perf_counter() - start:.1f}s)")
+
+    start_step, started = step, time.perf_counter()
+    last_log_time, last_log_step = started, step
+    with ctrl_c_finishes_the_step() as stop_requested:
+        while step < cfg.max_iters:
+            if step % cfg.eval_interval == 0 and not (history and history[-1]["step"] == step):
+                evaluate_and_save()
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = train_step(forward, params, optimizer, scaler, next_batch, cfg.grad_accum, context, cfg.grad_clip)
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+            step += 1
+
+            now = time.perf_counter()
+            if now - last_log_time >= 3 or step == start_step + 1 or step == cfg.max_iters or stop_requested:
+                check_finite()
+                dt = (now - last_log_time) / (step - last_log_step)
+                eta = (now - started) / (step - start_step) * (cfg.max_iters - step)
+                log(f"step {step}/{cfg.max_iters} | loss {float(loss):.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
+                    f"{tokens_per_step / dt:,.0f} tok/s | MFU {flops_per_step / dt / peak:.0%} | ETA {duration(eta)}")
+                last_log_time, last_log_step = now, step
+            if stop_requested:
+                save_checkpoint(checkpoint(float(loss)), out_dir / "last.pt")
+                log(f"stopped at step {step}; saved {out_dir / 'last.pt'}. Continue with: "
+                    f"python gpt.py train --resume --out-dir {out_dir}")
+                return {"step": step, "best_val_loss": best_val, "history": history, "interrupted": True}
+        if not (history and history[-1]["step"] == step):
+            evaluate_and_save()
+    log(f"done: {step} steps in {duration(time.perf_counter() - started)}; best val loss {best_val:.4f}, "
+        f"saved in {out_dir / 'ckpt.pt'}; sample with: python gpt.py sample --out-dir {out_dir}")
+    return {"step": step, "best_val_loss": best_val, "history": history, "interrupted": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Sampling
+#
+# The model gives a score (logit) for every possible next token. To write text we turn the
+# scores into probabilities, draw one token, append it, and repeat:
+#   temperature  divides the scores: below 1 sharpens the distribution, above 1 flattens it;
+#                0 means "always the most likely token" (greedy).
+#   top_k        keep only the k most likely tokens.
+#   top_p        keep only the most likely tokens whose probabilities add up to p ("nucleus").
+# The draw runs on the CPU in float32, whatever the device: torch.multinomial on Apple's MPS
+# has returned out-of-range and zero-probability ids (pytorch issues 92752, 98612, 192577;
+# nanoGPT issue 458). Every drawn id is checked before anyone decodes it.
+# ----------------------------------------------------------------------------------------------
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> the next token ids (B, 1), on the CPU."""
+    logits = logits.float().cpu()  # (B, V)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
+        # A token is in the nucleus if the tokens more likely than it add up to less than top_p
+        # (so the most likely token always is).
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # back to vocabulary order
+    next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
+    drawn_probs = probs.gather(-1, next_ids.clamp(0, probs.size(-1) - 1))
+    if not ((next_ids >= 0) & (next_ids < probs.size(-1)) & (drawn_probs > 0)).all():
+        raise RuntimeError(f"the sampler drew an impossible token id {next_ids.flatten().tolist()}")
+    return next_ids
+
+
+def check_sampling_settings(temperature, top_k, top_p):
+    require(temperature >= 0, f"temperature must be 0 or more (0 means greedy), got {temperature}")
+    require(top_k is None or top_k >= 1, f"top-k must be 1 or more, got {top_k}")
+    require(top_p is None or 0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")
+
+
+@torch.inference_mode()
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
+                    generator=None):
+    """Yield max_new_tokens new token ids, each (B, 1) on the CPU, one at a time.
+
+    The model can look at block_size tokens at most, so the context is cropped to its last
+    block_size tokens. Without a KV cache, every new token recomputes the whole (cropped)
+    context. With one, the prompt is computed once and then each new token costs one position.
+    While the text fits in block_size, both give the same tokens. When the cache is full, it
+    keeps the newest half of the context: those block_size // 2 tokens are computed again in
+    one pass (at positions 0, 1, ...), and the cache grows from there. Past block_size the
+    cached model so sees between block_size / 2 and block_size tokens of context, where the
+    uncached one always sees block_size; both stay correct GPT computations.
+    """
+    check_sampling_settings(temperature, top_k, top_p)
+    model.eval()
+    block_size, device = model.config.block_size, idx.device
+    context = idx[:, -block_size:]  # (B, T) the tokens the model can see
+    cache, pending = None, context  # pending: tokens that are not in the cache yet
+    for _ in range(max_new_tokens):
+        if not kv_cache:
+            logits, _ = model(context)  # (B, T, V): the whole context, every time
+        else:
+            if cache is None or cache.length + pending.size(1) > block_size:  # first token, or the cache is full
+                if cache is not None:
+                    pending = context[:, -(block_size // 2):]  # (B, block_size // 2)
+                cache = KVCache(model.config, idx.size(0))
+            logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V): only the new positions
+        next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        yield next_id
+        pending = next_id.to(device)
+        context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, T + 1), cropped to block_size
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
+    """idx (B, T) -> (B, T + max_new_tokens): idx followed by the sampled tokens."""
+    new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator))
+    return torch.cat([idx, *(token.to(idx.device) for token in new)], dim=1)
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = option("out", "folder whose ckpt.pt to sample from")
+    init_from: str = option(None, "sample from GPT-2's weights instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                            "or a local folder or .safetensors file", default_text="the checkpoint in --out-dir")
+    device: str = option("auto", "where to run; auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    dtype: str = option("auto", "number format of the weights while sampling", choices=("auto", *DTYPES))
+    prompt: str = option("", "text to continue; empty starts a new text")
+    max_new_tokens: int = option(500, "how many tokens to write")
+    temperature: float = option(0.8, "below 1: safer choices; above 1: wilder; 0: always the most likely token")
+    top_k: int = option(None, "draw only from the k most likely tokens", type=int, default_text="all tokens")
+    top_p: float = option(None, "draw only from the most likely tokens that add up to this probability", type=float,
+                          default_text="all tokens")
+    num_samples: int = option(1, "how many separate texts to write")
+    seed: int = option(1337, "seed of the random draws: the same seed writes the same text")
+    no_kv_cache: bool = option(False, "recompute the whole context for every token (slow; for comparison)")
+
+    def __post_init__(self):
+        require(self.max_new_tokens >= 0, f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}")
+        require(self.num_samples >= 1, f"--num-samples must be 1 or more, got {self.num_samples}")
+        require(self.temperature >= 0, f"--temperature must be 0 or more (0 means greedy), got {self.temperature}")
+        require(self.top_k is None or self.top_k >= 1, f"--top-k must be 1 or more, got {self.top_k}")
+        require(self.top_p is None or 0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample(cfg, out=sys.stdout):
+    """Write cfg.num_samples texts to out, token by token as they are drawn."""
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    if cfg.init_from is not None:
+        model, tokenizer = GPT.from_pretrained(cfg.init_from), BPETokenizer()
+    else:
+        path = Path(cfg.out_dir) / "ckpt.pt"
+        model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
+    prompt = tokenizer.encode(cfg.prompt) or [tokenizer.start_token]
+    if len(prompt) > model.config.block_size:
+        log(f"the prompt has {len(prompt)} tokens; the model sees its last {model.config.block_size}")
+    # Sampling one sequence reads every weight once per token: the time goes to moving weights
+    # through memory, so 16-bit weights (half the bytes) sample faster than float32 ones.
+    model.to(device=device, dtype=dtype)
+    idx = torch.tensor([prompt], device=device)  # (1, T)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start, count = time.perf_counter(), 0
+    for i in range(cfg.num_samples):
+        out.write(cfg.prompt)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a BPE token may end mid-character
+        for token in generate_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                     not cfg.no_kv_cache, generator):
+            out.write(decoder.decode(tokenizer.token_bytes(int(token))))
+            out.flush()
+            count += 1
+        out.write(decoder.decode(b"", final=True) + "\n")
+        if i + 1 < cfg.num_samples:
+            out.write("-" * 40 + "\n")
+        out.flush()
+    seconds = time.perf_counter() - start
+    log(f"{count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):,.1f} tokens/s "
+        f"({device.type}, {str(dtype).removeprefix('torch.')}, {'no ' if cfg.no_kv_cache else ''}KV cache)")
+    return count
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Benchmark
+#
+# `python gpt.py bench` times the default model on this machine: training steps in float32
+# and in the --dtype auto format (alternating, so both see the same machine), and sampling
+# with and without the KV cache. Results go to stdout as a table; progress to stderr.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class BenchConfig:
+    device: str = option("auto", "where to run; auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    steps: int = option(10, "timed training steps per round")
+    rounds: int = option(5, "rounds, each timing float32 then the auto dtype; the table shows medians")
+    sample_tokens: int = option(1000, "tokens to sample from a one-token prompt")
+
+    def __post_init__(self):
+        for name in ("steps", "rounds", "sample_tokens"):
+            require(getattr(self, name) > 0, f"--{flag(name)} must be a positive whole number, got {getattr(self, name)}")
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def bench(cfg, out=sys.stdout):
+    device = pick_device(cfg.device)
+    dtypes = list(dict.fromkeys([torch.float32, pick_dtype("auto", device)]))  # float32 first; once if auto is float32
+    name = lambda dtype: str(dtype).removeprefix("torch.")
+    config, train_cfg = GPTConfig(), TrainConfig()
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    peaks = {dtype: peak_flops(device, dtype) for dtype in dtypes}
+    threads = f", {torch.get_num_threads()} threads, native bfloat16: {'yes' if cpu_has_native_bfloat16() else 'no'}"
+    out.write(f"torch {torch.__version__} on {device.type}{threads if device.type == 'cpu' else ''}\n")
+    out.write(f"model: the default GPTConfig, {model.num_parameters():,} parameters, batch {train_cfg.batch_size}, "
+              f"context {config.block_size}\n")
+    out.write("matmul peak: " + ", ".join(f"{name(d)} {p / 1e9:,.0f} GFLOP/s" for d, p in peaks.items()) + "\n\n")
+
+    optimizer = make_optimizer(model, train_cfg, device)
+    params = list(model.parameters())
+    data = torch.randint(config.vocab_size, (100_000,), generator=torch.Generator().manual_seed(0))
+    batches = torch.Generator().manual_seed(0)
+
+    def next_batch():
+        x, y = get_batch(data, config.block_size, train_cfg.batch_size, batches)
+        return x.to(device), y.to(device)
+
+    seconds = {dtype: [] for dtype in dtypes}
+    for round_ in range(cfg.rounds):
+        for dtype in dtypes:
+            scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+            step = lambda: train_step(model, params, optimizer, scaler, next_batch, 1, autocast(device, dtype), 1.0)
+            step()  # warm-up: allocations, autocast's casts
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(cfg.steps):
+                loss = step()
+            float(loss)
+            seconds[dtype].append((time.perf_counter() - start) / cfg.steps)
+        log(f"training round {round_ + 1}/{cfg.rounds}: " +
+            ", ".join(f"{name(d)} {s[-1] * 1000:.0f} ms/step" for d, s in seconds.items()))
+    tokens, flops = train_cfg.batch_size * config.block_size, model.flops_per_token() * train_cfg.batch_size * config.block_size
+    out.write(f"training ({cfg.rounds} alternating rounds of {cfg.steps} steps, medians)\n")
+    out.write("| number format | ms/step | tokens/s | MFU vs its own peak | MFU vs bfloat16 peak |\n|---|---|---|---|---|\n")
+    for dtype, s in seconds.items():
+        top = peaks.get(torch.bfloat16, peaks[dtype])
+        out.write(f"| {name(dtype)}{' (auto)' if dtype == dtypes[-1] else ''} | {median(s) * 1000:.0f} | "
+                  f"{tokens / median(s):,.0f} | {flops / median(s) / peaks[dtype]:.0%} | {flops / median(s) / top:.0%} |\n")
+    if len(dtypes) > 1:
+        ratios = [a / b for a, b in zip(seconds[dtypes[0]], seconds[dtypes[-1]])]
+        out.write(f"speed-up of {name(dtypes[-1])} over float32: {median(ratios):.2f}x (median of the rounds' ratios)\n")
+
+    out.write(f"\nsampling one sequence from a one-token prompt, tokens/s\n| weights | KV cache | 255 tokens | "
+              f"{cfg.sample_tokens} tokens |\n|---|---|---|---|\n")
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    results = {}
+    for dtype in reversed(dtypes):
+        model.to(dtype)
+        for kv_cache in (True, False):
+            row = []
+            for n in (255, cfg.sample_tokens):
+                if not kv_cache and n == 255:
+                    row.append("")
+                    continue
+                generator = torch.Generator().manual_seed(0)
+                start = time.perf_counter()
+                generate(model, prompt, n, kv_cache=kv_cache, generator=generator)
+                row.append(n / (time.perf_counter() - start))
+                log(f"sampled {n} tokens, {name(dtype)} weights, {'with' if kv_cache else 'without'} KV cache: "
+                    f"{row[-1]:,.0f} tokens/s")
+            results[dtype, kv_cache] = row
+            out.write(f"| {name(dtype)} | {'yes' if kv_cache else 'no'} | " +
+                      " | ".join(f"{r:,.0f}" if r else "-" for r in row) + " |\n")
+    fastest = max(r[1] for (d, kv), r in results.items() if kv)
+    out.write(f"KV cache speed-up at {cfg.sample_tokens} tokens: {fastest / results[torch.float32, False][1]:.1f}x "
+              f"over recomputing the context in float32\n")
+    out.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Command line
+# ----------------------------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """A mistyped flag gets one line, not the whole usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser():
+    parser = ArgumentParser(prog="gpt.py", description="GPT-2 in one file: train it, sample from it, time it.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,bench}")
+    for name, config_class, about in (
+        ("train", TrainConfig, "train a GPT on a text file (or fine-tune GPT-2 with --init-from)"),
+        ("sample", SampleConfig, "write text with a trained model"),
+        ("bench", BenchConfig, "time training and sampling of the default model on this machine"),
+    ):
+        command = commands.add_parser(name, help=about, description=about)
+        for f in dataclasses.fields(config_class):
+            meta = dict(f.metadata)
+            text = f"{meta.pop('help')} (default: {meta.pop('default_text', f.default)})".replace("%", "%%")
+            if isinstance(f.default, bool):
+                command.add_argument("--" + flag(f.name), action="store_true", default=argparse.SUPPRESS, help=text)
+            else:
+                command.add_argument("--" + flag(f.name), type=meta.pop("type", type(f.default)),
+                                     default=argparse.SUPPRESS, help=text, **meta)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k != "command"}  # only the flags typed: no defaults
+    try:
+        if args.command == "train":
+            cfg = resumed_config(given) if given.get("resume") else TrainConfig(**given)
+            return 130 if train(cfg)["interrupted"] else 0
+        if args.command == "sample":
+            sample(SampleConfig(**given))
+        else:
+            bench(BenchConfig(**given))
+        return 0
+    except GPTError as e:
+        log(f"error: {' '.join(str(e).split())}")
+        return 1
+    except KeyboardInterrupt:
+        log("\ninterrupted")
+        return 130
+    except BrokenPipeError:  # whoever read our output stopped reading (python gpt.py sample | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
