@@ -613,11 +613,11 @@ def read_gpt2_weights(name_or_path):
             continue
         ours = "transformer." + name
         require(ours in expected, f"{weights_path}: unexpected tensor {name!r}, not part of GPT-2")
-        if name.endswith(CONV1D_WEIGHTS):
-            t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
-        require(t.shape == expected[ours].shape, f"{weights_path}: {name} has shape {tuple(t.shape)}, "
-                f"expected {tuple(expected[ours].shape)} for this config")
-        state[ours] = t.float()
+        conv1d = name.endswith(CONV1D_WEIGHTS)
+        shape = tuple(expected[ours].shape)[::-1] if conv1d else tuple(expected[ours].shape)  # as the file stores it
+        require(tuple(t.shape) == shape, f"{weights_path}: {name} has shape {tuple(t.shape)}, expected {shape} "
+                f"for this config")
+        state[ours] = (t.t() if conv1d else t).float()  # Conv1D (in, out) -> nn.Linear (out, in)
     missing = [name for name in expected if name not in state and name != "lm_head.weight"]
     if missing:
         raise GPTError(f"{weights_path} lacks {len(missing)} tensor(s) of GPT-2, the first "
@@ -778,14 +778,19 @@ def load_checkpoint(path, device="cpu"):
             f"python gpt.py train --out-dir {path.parent}")
     require(path.is_file(), f"checkpoint {str(path)!r} is not a file")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise GPTError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickles; the one-line error below says more
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch.load raises many types; each means "not a readable checkpoint"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in str(e):
             raise GPTError(f"refused to load {path}: it holds Python objects that could run code when "
                            f"unpickled, and gpt.py loads checkpoints as data only") from None
-        if isinstance(e, OSError):
-            raise GPTError(f"cannot read checkpoint {path}: {e.strerror or reason}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GPTError(f"{path} is not a readable checkpoint (truncated, or not written by gpt.py): {reason}") from None
     require(isinstance(checkpoint, dict), f"{path} is not a gpt.py checkpoint: it holds a {type(checkpoint).__name__}")
     version = checkpoint.get("format")
@@ -831,11 +836,11 @@ class TrainConfig:
     dtype: str = option("auto", "number format of the matmuls (see section 6 of gpt.py)", choices=("auto", *DTYPES))
     compile: bool = option(False, "torch.compile the model (slow to start; pays on GPUs, not on CPUs)")
     seed: int = option(1337, "seed for the weights, the batches and dropout")
-    n_layer: int = option(None, "transformer blocks", type=int, default_text=f"{GPTConfig.n_layer}, or the checkpoint's")
-    n_head: int = option(None, "attention heads per block", type=int, default_text=f"{GPTConfig.n_head}, or the checkpoint's")
-    n_embd: int = option(None, "width of the model (C)", type=int, default_text=f"{GPTConfig.n_embd}, or the checkpoint's")
+    n_layer: int = option(None, "transformer blocks", default_text=f"{GPTConfig.n_layer}, or the checkpoint's")
+    n_head: int = option(None, "attention heads per block", default_text=f"{GPTConfig.n_head}, or the checkpoint's")
+    n_embd: int = option(None, "width of the model (C)", default_text=f"{GPTConfig.n_embd}, or the checkpoint's")
     block_size: int = option(None, "context length in tokens (T); with --init-from, a smaller value crops GPT-2's 1024",
-                             type=int, default_text=f"{GPTConfig.block_size}, or the checkpoint's")
+                             default_text=f"{GPTConfig.block_size}, or the checkpoint's")
     dropout: float = option(0.0, "dropout probability while training")
     batch_size: int = option(16, "sequences per micro-batch (B)")
     grad_accum: int = option(1, "micro-batches per optimizer step (the gradient is their mean)")
@@ -843,13 +848,13 @@ class TrainConfig:
     lr: float = option(1e-3, "peak learning rate, reached after the warm-up")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay (Chinchilla: lr / 10)")
     warmup_iters: int = option(100, "steps of linear warm-up from 0 to --lr")
-    lr_decay_iters: int = option(None, "step at which the cosine decay reaches --min-lr", type=int, default_text="--max-iters")
+    lr_decay_iters: int = option(None, "step at which the cosine decay reaches --min-lr", default_text="--max-iters")
     weight_decay: float = option(0.1, "AdamW weight decay, applied to weight matrices only")
     beta2: float = option(0.99, "AdamW beta2; 0.99 suits small batches (GPT-3 used 0.95 at 0.5M tokens a step)")
     grad_clip: float = option(1.0, "clip the gradient's global norm to this")
     eval_interval: int = option(250, "evaluate (and save) every this many steps")
     eval_iters: int = option(40, "batches averaged for each evaluation of the train and val loss")
-    peak_flops: float = option(None, "peak FLOP/s for the MFU figure", type=float,
+    peak_flops: float = option(None, "peak FLOP/s for the MFU figure",
                                default_text="a matmul probe on CPU, the card's published peak on CUDA")
 
     def __post_init__(self):
@@ -1255,8 +1260,8 @@ class SampleConfig:
     prompt: str = option("", "text to continue; empty starts a new text")
     max_new_tokens: int = option(500, "how many tokens to write")
     temperature: float = option(0.8, "below 1: safer choices; above 1: wilder; 0: always the most likely token")
-    top_k: int = option(None, "draw only from the k most likely tokens", type=int, default_text="all tokens")
-    top_p: float = option(None, "draw only from the most likely tokens that add up to this probability", type=float,
+    top_k: int = option(None, "draw only from the k most likely tokens", default_text="all tokens")
+    top_p: float = option(None, "draw only from the most likely tokens that add up to this probability",
                           default_text="all tokens")
     num_samples: int = option(1, "how many separate texts to write")
     seed: int = option(1337, "seed of the random draws: the same seed writes the same text")
@@ -1270,8 +1275,9 @@ class SampleConfig:
         require(self.top_p is None or 0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
 
 
-def sample(cfg, out=sys.stdout):
-    """Write cfg.num_samples texts to out, token by token as they are drawn."""
+def sample(cfg, out=None):
+    """Write cfg.num_samples texts to out (stdout), token by token as they are drawn."""
+    out = out or sys.stdout
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.init_from is not None:
@@ -1337,7 +1343,8 @@ def median(values):
     return sorted(values)[len(values) // 2]
 
 
-def bench(cfg, out=sys.stdout):
+def bench(cfg, out=None):
+    out = out or sys.stdout
     device = pick_device(cfg.device)
     dtypes = list(dict.fromkeys([torch.float32, pick_dtype("auto", device)]))  # float32 first; once if auto is float32
     name = lambda dtype: str(dtype).removeprefix("torch.")
@@ -1437,13 +1444,16 @@ def build_parser():
             if isinstance(f.default, bool):
                 command.add_argument("--" + flag(f.name), action="store_true", default=argparse.SUPPRESS, help=text)
             else:
-                command.add_argument("--" + flag(f.name), type=meta.pop("type", type(f.default)),
-                                     default=argparse.SUPPRESS, help=text, **meta)
+                command.add_argument("--" + flag(f.name), type=f.type, default=argparse.SUPPRESS, help=text, **meta)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Run the command line; -> the exit status (0 done, 1 an error, 2 a mistyped flag, 130 Ctrl-C)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed --help, or its one-line error
+        return e.code
     given = {k: v for k, v in vars(args).items() if k != "command"}  # only the flags typed: no defaults
     try:
         if args.command == "train":

@@ -1,0 +1,1010 @@
+"""Property tests: gpt.py is what its comments say it is.
+
+Run with:  python -m pytest -q test_gpt.py
+
+The models here are tiny (a few thousand parameters) so that hypothesis can try many shapes
+quickly on a CPU. Where an independent reference exists, we compare with it: the written-out
+attention against the fused kernel, the KV cache against full recomputation, a checkpoint
+against the model that wrote it, and the whole model against Hugging Face's GPT-2.
+"""
+
+import hashlib
+import http.server
+import io
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import gpt
+
+HERE = Path(__file__).parent
+SHAKESPEARE = (HERE / "input.txt").read_text(encoding="utf-8")
+quick = settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+@st.composite
+def configs(draw, max_block=16):
+    n_head = draw(st.integers(1, 3))
+    return gpt.GPTConfig(
+        vocab_size=draw(st.integers(2, 20)),
+        block_size=draw(st.integers(2, max_block)),
+        n_layer=draw(st.integers(1, 2)),
+        n_head=n_head,
+        n_embd=n_head * draw(st.integers(2, 6)),
+        bias=draw(st.booleans()),
+    )
+
+
+def tiny_model(config, seed=0, scale=0.5, dtype=torch.float64):
+    """A model with large random weights (LayerNorm gains included), so that any leak of
+    information shows up as a large change in the logits, not a rounding-sized one."""
+    torch.manual_seed(seed)
+    model = gpt.GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, scale)
+    return model.to(dtype).eval()
+
+
+def use_written_out_attention(model, written_out=True):
+    for module in model.modules():
+        if isinstance(module, gpt.CausalSelfAttention):
+            module.written_out = written_out
+    return model
+
+
+def run_gpt(*args, cwd=None, timeout=120, **kwargs):
+    return subprocess.run([sys.executable, str(HERE / "gpt.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, **kwargs)
+
+
+def train_cfg(tmp_path, text=SHAKESPEARE[:20000], **overrides):
+    data = tmp_path / "data.txt"
+    data.write_text(text, encoding="utf-8")
+    settings_ = dict(data=str(data), out_dir=str(tmp_path / "out"), device="cpu", dtype="float32", n_layer=1,
+                     n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=20, eval_interval=10, eval_iters=2,
+                     warmup_iters=2)
+    return gpt.TrainConfig(**{**settings_, **overrides})
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A small character-level run, trained once for the tests that need a checkpoint."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = train_cfg(tmp, max_iters=30)
+    gpt.train(cfg)
+    return Path(cfg.out_dir)
+
+
+def folder_bytes(folder):
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the model is GPT-2
+# ---------------------------------------------------------------------------------------------
+
+def test_gpt2_small_shape_has_exactly_124_439_808_parameters():
+    # The figure Hugging Face reports for GPT2LMHeadModel("gpt2"): weights tied, biases in.
+    with torch.device("meta"):
+        model = gpt.GPT(gpt.GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768))
+    assert model.num_parameters() == 124_439_808
+
+
+def test_parameter_names_follow_the_gpt2_checkpoint():
+    names = set(gpt.GPT(gpt.GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=8)).state_dict())
+    for layer in range(2):
+        for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
+            assert {f"transformer.h.{layer}.{part}.weight", f"transformer.h.{layer}.{part}.bias"} <= names
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "lm_head.weight"} <= names
+
+
+@quick
+@given(config=configs(), seed=st.integers(0, 2**16))
+def test_initialisation_is_gpt2s(config, seed):
+    torch.manual_seed(seed)
+    config = gpt.GPTConfig(vocab_size=2000, block_size=512, n_layer=config.n_layer, n_head=4, n_embd=64)
+    model = gpt.GPT(config)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):  # residual projections: 0.02 / sqrt(2 * n_layer)
+            assert p.std().item() == pytest.approx(0.02 / math.sqrt(2 * config.n_layer), rel=0.1)
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.02, rel=0.1)
+            assert abs(p.mean().item()) < 0.002
+        elif name.endswith(".bias"):
+            assert torch.all(p == 0)
+        else:  # LayerNorm gains
+            assert torch.all(p == 1)
+
+
+def test_the_lm_head_is_the_token_embedding():
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with torch.no_grad():
+        model.transformer.wte.weight[3, 0] = 42.0
+    assert model.lm_head.weight[3, 0] == 42.0
+
+
+@quick
+@given(config=configs(), batch=st.integers(1, 4), data=st.data())
+def test_logits_are_batch_by_time_by_vocab(config, batch, data):
+    T = data.draw(st.integers(1, config.block_size))
+    model = tiny_model(config)
+    idx = torch.randint(config.vocab_size, (batch, T))
+    logits, loss = model(idx)
+    assert logits.shape == (batch, T, config.vocab_size) and loss is None
+    logits, loss = model(idx, targets=idx)
+    assert logits.shape == (batch, T, config.vocab_size) and loss.dim() == 0
+
+
+@quick
+@given(config=configs(), extra=st.integers(1, 5))
+def test_a_sequence_longer_than_block_size_is_an_error(config, extra):
+    model = tiny_model(config)
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros((1, config.block_size + extra), dtype=torch.long))
+
+
+@quick
+@given(config=configs(), batch=st.integers(1, 3), data=st.data(),
+       path=st.sampled_from(["default", "written_out", "bfloat16 training"]))
+def test_changing_a_future_token_never_changes_past_logits(config, batch, data, path):
+    assume(config.n_embd >= 4)  # a LayerNorm over 2 channels keeps only a sign: too little to see a change
+    T = data.draw(st.integers(2, config.block_size))
+    t = data.draw(st.integers(1, T - 1))  # the position we change
+    model = use_written_out_attention(tiny_model(config, dtype=torch.float32), path == "written_out")
+    idx = torch.randint(config.vocab_size, (batch, T))
+    changed = idx.clone()
+    changed[:, t] = (idx[:, t] + data.draw(st.integers(1, config.vocab_size - 1))) % config.vocab_size
+    if path == "bfloat16 training":  # the path a CPU trains on: autocast, gradients on
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            before, after = model(idx)[0], model(changed)[0]
+    else:
+        with torch.no_grad():
+            before, after = model(idx)[0], model(changed)[0]
+    assert torch.equal(before[:, :t], after[:, :t])
+    assert not torch.equal(before[:, t:], after[:, t:])  # the change is visible from t on
+
+
+@quick
+@given(batch=st.integers(1, 3), n_head=st.integers(1, 4), head_size=st.integers(1, 16), data=st.data(),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_written_out_attention_agrees_with_the_fused_kernel(batch, n_head, head_size, data, dtype):
+    Tk = data.draw(st.integers(1, 40))
+    Tq = data.draw(st.sampled_from([Tk, 1]))  # training, or one new token with a KV cache
+    q = torch.randn(batch, n_head, Tq, head_size, dtype=dtype)
+    k, v = (torch.randn(batch, n_head, Tk, head_size, dtype=dtype) for _ in range(2))
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(gpt.causal_attention_written_out(q, k, v), gpt.causal_attention_fused(q, k, v),
+                               atol=tolerance, rtol=tolerance)
+
+
+def test_written_out_attention_is_the_textbook_formula():
+    # An independent loop over positions: position t averages the values of positions <= t.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 4, dtype=torch.float64) for _ in range(3))
+    expected = torch.empty_like(q)
+    for t in range(7):
+        weights = torch.softmax(q[:, :, t:t + 1] @ k[:, :, :t + 1].transpose(-1, -2) / 2.0, dim=-1)  # sqrt(4) = 2
+        expected[:, :, t] = (weights @ v[:, :, :t + 1])[:, :, 0]
+    torch.testing.assert_close(gpt.causal_attention_written_out(q, k, v), expected)
+
+
+@quick
+@given(config=configs(), data=st.data())
+def test_the_model_agrees_with_itself_through_both_attentions(config, data):
+    model = tiny_model(config)
+    idx = torch.randint(config.vocab_size, (2, data.draw(st.integers(1, config.block_size))))
+    with torch.no_grad():
+        fused = model(idx)[0]
+        written = use_written_out_attention(model)(idx)[0]
+    torch.testing.assert_close(fused, written, atol=1e-10, rtol=1e-10)
+
+
+@quick
+@given(vocab_size=st.integers(10, 500), seed=st.integers(0, 2**16))
+def test_the_initial_loss_is_about_ln_vocab_size(vocab_size, seed):
+    # GPT-2's small initial weights give nearly uniform predictions: loss = ln(V). (With a
+    # handful of tokens the tied embedding favours repeating the input token a little.)
+    torch.manual_seed(seed)
+    model = gpt.GPT(gpt.GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(vocab_size, (4, 32))
+    _, loss = model(idx, targets=torch.randint(vocab_size, (4, 32)))
+    assert loss.item() == pytest.approx(math.log(vocab_size), abs=0.1)
+
+
+def test_a_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    config = gpt.GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    model = gpt.GPT(config)
+    cfg = gpt.TrainConfig(lr=3e-3, weight_decay=0.0)
+    optimizer = gpt.make_optimizer(model, cfg, torch.device("cpu"))
+    x, y = torch.randint(20, (4, 16)), torch.randint(20, (4, 16))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    first = None
+    for _ in range(300):
+        loss = gpt.train_step(model, list(model.parameters()), optimizer, scaler, lambda: (x, y), 1,
+                              gpt.autocast(torch.device("cpu"), torch.float32), 1.0)
+        first = first if first is not None else loss.item()
+    assert first > 2.9 and loss.item() < 0.05  # from ln(20) = 3.0 to memorised
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers and data
+# ---------------------------------------------------------------------------------------------
+
+@quick
+@given(alphabet=st.text(min_size=1, max_size=30), data=st.data())
+def test_the_char_tokenizer_round_trips_any_text_over_its_vocabulary(alphabet, data):
+    tokenizer = gpt.CharTokenizer.from_text(alphabet)
+    text = data.draw(st.text(alphabet=sorted(set(alphabet))))
+    ids = tokenizer.encode(text)
+    assert len(ids) == len(text) and all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert tokenizer.decode(ids) == text
+    assert b"".join(tokenizer.token_bytes(i) for i in ids).decode("utf-8") == text
+
+
+def test_the_char_vocabulary_of_input_txt_is_its_sorted_characters():
+    tokenizer = gpt.CharTokenizer.from_text(SHAKESPEARE)
+    assert tokenizer.chars == "".join(sorted(set(SHAKESPEARE)))
+    assert 60 <= tokenizer.vocab_size <= 80
+
+
+def test_a_character_outside_the_vocabulary_is_an_error_that_names_it():
+    tokenizer = gpt.CharTokenizer.from_text("abc ")
+    with pytest.raises(gpt.GPTError, match=r"'Z'.*'é'|'Z', 'é'"):
+        tokenizer.encode("a Zé c")
+
+
+@settings(deadline=None, max_examples=200)
+@given(text=st.text())
+def test_gpt2_bpe_round_trips_any_unicode_string(text):
+    tokenizer = gpt.BPETokenizer()
+    ids = tokenizer.encode(text)
+    assert all(0 <= i < 50257 for i in ids)
+    assert tokenizer.decode(ids) == text
+    assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8")
+
+
+def test_gpt2_bpe_is_the_real_gpt2_encoding():
+    tokenizer = gpt.BPETokenizer()
+    assert tokenizer.vocab_size == 50257  # 256 bytes + 50,000 merges + <|endoftext|>
+    assert tokenizer.encode("Hello world") == [15496, 995]  # GPT-2's ids, as published with its encoder.json
+    assert tokenizer.encode("<|endoftext|>") == [50256] == [tokenizer.start_token]
+
+
+def test_bpe_without_its_files_says_to_set_tiktoken_cache_dir(tmp_path):
+    code = "import gpt\ntry:\n    gpt.BPETokenizer()\nexcept gpt.GPTError as e:\n    print(e)"
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9"}  # an empty cache, and no way to download
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, env=env,
+                            timeout=120)
+    assert "TIKTOKEN_CACHE_DIR" in result.stdout and "network" in result.stdout
+
+
+@quick
+@given(length=st.integers(200, 400), block_size=st.integers(1, 16), batch=st.integers(1, 8), seed=st.integers(0, 99))
+def test_a_batch_is_windows_of_the_data_with_targets_shifted_by_one(length, block_size, batch, seed):
+    data = torch.arange(length) * 7 % 1000  # distinct values, so a window's place in the data is known
+    x, y = gpt.get_batch(data, block_size, batch, torch.Generator().manual_seed(seed))
+    assert x.shape == y.shape == (batch, block_size)
+    for row_x, row_y in zip(x, y):
+        start = (data == row_x[0]).nonzero().item()
+        assert torch.equal(row_x, data[start:start + block_size])
+        assert torch.equal(row_y, data[start + 1:start + block_size + 1])
+
+
+def test_the_split_is_the_first_90_and_the_last_10_percent():
+    train, val = gpt.split_data(list(range(1000)), block_size=8)
+    assert train.tolist() == list(range(900)) and val.tolist() == list(range(900, 1000))
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+
+@st.composite
+def logit_rows(draw):
+    vocab = draw(st.integers(2, 40))
+    seed = draw(st.integers(0, 2**16))
+    return torch.randn(draw(st.integers(1, 4)), vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@quick
+@given(logits=logit_rows(), data=st.data())
+def test_top_k_never_yields_a_token_outside_the_k_most_likely(logits, data):
+    k = data.draw(st.integers(1, logits.size(1)))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    allowed = logits.topk(k, dim=-1).indices  # (B, k)
+    for _ in range(20):
+        ids = gpt.sample_next_token(logits, temperature=data.draw(st.floats(0.1, 3.0)), top_k=k, generator=generator)
+        assert (ids == allowed).any(dim=-1).all()
+
+
+@quick
+@given(logits=logit_rows(), data=st.data())
+def test_top_p_never_yields_a_token_outside_the_nucleus(logits, data):
+    p = data.draw(st.floats(0.01, 1.0))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    probs = torch.softmax(logits.double(), dim=-1)
+    for _ in range(20):
+        ids = gpt.sample_next_token(logits, top_p=p, generator=generator)
+        for row, i in zip(probs, ids[:, 0]):
+            # The nucleus: the most likely tokens, in order, until their probabilities reach p.
+            more_likely = row[row > row[i]].sum().item()
+            assert more_likely < p + 1e-6
+
+
+@quick
+@given(logits=logit_rows())
+def test_temperature_zero_is_argmax(logits):
+    assert torch.equal(gpt.sample_next_token(logits, temperature=0), logits.argmax(dim=-1, keepdim=True))
+
+
+@quick
+@given(logits=logit_rows(), data=st.data())
+def test_sampled_ids_are_always_within_the_vocabulary(logits, data):
+    logits[:, data.draw(st.integers(0, logits.size(1) - 1))] = float("-inf")  # a token that can never come
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    for _ in range(20):
+        ids = gpt.sample_next_token(logits, temperature=data.draw(st.floats(0.05, 5.0)), generator=generator)
+        assert ids.shape == (logits.size(0), 1)
+        assert ((ids >= 0) & (ids < logits.size(1))).all()
+        assert torch.isfinite(logits.gather(1, ids)).all()
+
+
+def test_sampling_draws_tokens_with_the_tempered_probabilities():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.zeros(4)
+    for _ in range(n // 100):
+        ids = gpt.sample_next_token(logits.expand(100, 4), temperature=0.5, top_k=3, generator=generator)
+        counts += torch.bincount(ids[:, 0], minlength=4)
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.0]) ** 2  # temperature 0.5 squares, top-k 3 drops the last
+    expected /= expected.sum()
+    assert counts[3] == 0
+    assert torch.allclose(counts / n, expected, atol=0.015)
+
+
+@quick
+@given(config=configs(max_block=12), data=st.data(), greedy=st.booleans())
+def test_kv_cache_generation_equals_full_recomputation(config, data, greedy):
+    model = tiny_model(config)
+    prompt_length = data.draw(st.integers(1, config.block_size))
+    new_tokens = data.draw(st.integers(0, config.block_size - prompt_length))  # the text fits in block_size
+    prompt = torch.randint(config.vocab_size, (data.draw(st.integers(1, 3)), prompt_length))
+    temperature = 0 if greedy else data.draw(st.floats(0.5, 2.0))
+    seed = data.draw(st.integers(0, 99))
+    outputs = [gpt.generate(model, prompt, new_tokens, temperature=temperature, kv_cache=kv_cache,
+                            generator=torch.Generator().manual_seed(seed)) for kv_cache in (True, False)]
+    assert outputs[0].shape == (prompt.size(0), prompt_length + new_tokens)
+    assert torch.equal(outputs[0][:, :prompt_length], prompt)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@quick
+@given(config=configs(max_block=10), data=st.data())
+def test_past_block_size_the_cache_sees_the_context_the_readme_describes(config, data):
+    # Independent of gpt.py's cache: rebuild the context the docs promise (the newest
+    # block_size // 2 tokens whenever the window would overflow) and ask the model directly.
+    model = tiny_model(config)
+    prompt = torch.randint(config.vocab_size, (1, data.draw(st.integers(1, 2 * config.block_size))))
+    new_tokens = data.draw(st.integers(1, 3 * config.block_size))
+    out = gpt.generate(model, prompt, new_tokens, temperature=0)[0].tolist()
+    block = config.block_size
+    start = max(0, prompt.size(1) - block)
+    with torch.no_grad():
+        for n in range(prompt.size(1), prompt.size(1) + new_tokens):
+            if n - start > block:
+                start = n - block // 2
+            logits = model(torch.tensor([out[start:n]]))[0][0, -1]
+            assert out[n] == logits.argmax().item()
+
+
+def test_the_uncached_path_crops_the_context_to_block_size():
+    config = gpt.GPTConfig(vocab_size=7, block_size=5, n_layer=1, n_head=1, n_embd=4)
+    model = tiny_model(config)
+    prompt = torch.randint(7, (1, 12))
+    out = gpt.generate(model, prompt, 6, temperature=0, kv_cache=False)[0].tolist()
+    with torch.no_grad():
+        for n in range(12, 18):
+            assert out[n] == model(torch.tensor([out[n - 5:n]]))[0][0, -1].argmax().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def test_save_load_round_trips_weights_config_tokenizer_logits_and_samples(trained, tmp_path):
+    path = trained / "ckpt.pt"
+    checkpoint = gpt.load_checkpoint(path)
+    model, tokenizer = gpt.model_from_checkpoint(checkpoint)
+    assert isinstance(checkpoint["config"], dict)
+    assert tokenizer.chars == gpt.CharTokenizer.from_text(SHAKESPEARE[:20000]).chars
+    # save again and load: everything identical
+    gpt.save_checkpoint(checkpoint, tmp_path / "again.pt")
+    again, tokenizer2 = gpt.model_from_checkpoint(gpt.load_checkpoint(tmp_path / "again.pt"))
+    assert again.config == model.config and tokenizer2.chars == tokenizer.chars
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert again.lm_head.weight is again.transformer.wte.weight  # still one tensor after loading
+    idx = torch.tensor([tokenizer.encode("ROMEO:\nWhat")])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(idx)[0], again.eval()(idx)[0])
+    texts = [tokenizer.decode(gpt.generate(m, idx, 40, generator=torch.Generator().manual_seed(7))[0].tolist())
+             for m in (model, again)]
+    assert texts[0] == texts[1]
+
+
+def test_a_checkpoint_holds_what_sampling_and_resuming_need(trained):
+    checkpoint = gpt.load_checkpoint(trained / "last.pt")
+    for key in ("model_state", "config", "step", "loss", "tokenizer", "optimizer_state", "best_val_loss",
+                "train_args", "rng", "history", "format"):
+        assert key in checkpoint
+    assert checkpoint["step"] == 30 and checkpoint["tokenizer"]["kind"] == "char"
+    assert checkpoint["best_val_loss"] == min(h["val"] for h in checkpoint["history"])
+    assert not any(name.startswith("_orig_mod") for name in checkpoint["model_state"])
+
+
+def test_compiled_training_saves_the_plain_module(tmp_path, monkeypatch):
+    # The "eager" backend wraps the model exactly as inductor does, without minutes of compiling.
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="eager"))
+    cfg = train_cfg(tmp_path, max_iters=3, compile=True)
+    gpt.train(cfg)
+    state = gpt.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")["model_state"]
+    assert set(state) == set(gpt.GPT(gpt.GPTConfig(**gpt.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")["config"]))
+                             .state_dict())
+
+
+def test_a_checkpoint_made_on_a_gpu_loads_on_cpu(trained, tmp_path):
+    # torch.save records each tensor's device in the file. There is no GPU here, so we write
+    # into a CPU checkpoint the record that a CUDA run writes: "cuda:0" in place of "cpu".
+    checkpoint = gpt.load_checkpoint(trained / "ckpt.pt")
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    source, out = zipfile.ZipFile(buffer), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename.endswith("data.pkl"):
+                assert b"X\x03\x00\x00\x00cpu" in data  # pickle's BINUNICODE "cpu"
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            target.writestr(item, data)
+    path = tmp_path / "from_gpu.pt"
+    path.write_bytes(out.getvalue())
+    if not torch.cuda.is_available():  # the file really asks for a GPU
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    moved = gpt.load_checkpoint(path, device="cpu")
+    model, _ = gpt.model_from_checkpoint(moved)
+    assert all(t.device.type == "cpu" for t in moved["model_state"].values())
+    for name, t in checkpoint["model_state"].items():
+        assert torch.equal(moved["model_state"][name], t)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line, end to end
+# ---------------------------------------------------------------------------------------------
+
+def test_train_then_sample_end_to_end(tmp_path):
+    data = tmp_path / "plays.txt"
+    data.write_text(SHAKESPEARE[:30000], encoding="utf-8")
+    out = tmp_path / "run"
+    trained = run_gpt("train", "--data", data, "--out-dir", out, "--n-layer", 1, "--n-head", 2, "--n-embd", 16,
+                      "--block-size", 32, "--batch-size", 4, "--max-iters", 8, "--eval-interval", 4,
+                      "--eval-iters", 2, "--device", "cpu")
+    assert trained.returncode == 0, trained.stderr
+    assert trained.stdout == ""  # progress goes to stderr
+    assert "step 8/8" in trained.stderr and "tok/s" in trained.stderr and "ETA" in trained.stderr
+    sampled = run_gpt("sample", "--out-dir", out, "--prompt", "KING", "--max-new-tokens", 50, "--seed", 3)
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith("KING") and len(sampled.stdout) == len("KING") + 50 + 1
+    assert set(sampled.stdout) <= set(SHAKESPEARE[:30000]) | {"\n"}
+    assert "tokens/s" in sampled.stderr
+    again = run_gpt("sample", "--out-dir", out, "--prompt", "KING", "--max-new-tokens", 50, "--seed", 3)
+    assert again.stdout == sampled.stdout  # same seed, same text
+
+
+def test_every_flag_the_readme_names_is_in_help():
+    train_help, sample_help = run_gpt("train", "--help").stdout, run_gpt("sample", "--help").stdout
+    for name in ("data", "tokenizer", "out-dir", "device", "dtype", "compile", "seed", "n-layer", "n-head",
+                 "n-embd", "block-size", "dropout", "batch-size", "grad-accum", "max-iters", "lr", "min-lr",
+                 "warmup-iters", "weight-decay", "eval-interval", "eval-iters", "resume", "init-from"):
+        assert f"--{name} " in train_help or f"--{name}\n" in train_help, name
+    for name in ("out-dir", "device", "prompt", "max-new-tokens", "temperature", "top-k", "top-p", "num-samples",
+                 "seed", "no-kv-cache", "init-from"):
+        assert f"--{name} " in sample_help or f"--{name}\n" in sample_help, name
+    assert train_help.count("(default:") == train_help.count("\n  --")
+
+
+def test_importing_gpt_has_no_side_effects(tmp_path):
+    code = ("import sys\nevents = []\n"
+            "sys.addaudithook(lambda e, a: events.append((e, a)) if e.startswith(('socket.', 'urllib')) or "
+            "(e == 'open' and isinstance(a[1], str) and any(m in a[1] for m in 'wax+')) else None)\n"
+            f"sys.path.insert(0, {str(HERE)!r})\nimport gpt\nprint(events)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.stdout == "[]\n" and result.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness: bad input, damaged or malicious checkpoints, kills, Ctrl-C, divergence
+# ---------------------------------------------------------------------------------------------
+
+def unavailable_device():
+    for device, available in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available())):
+        if not available:
+            return device
+    raise AssertionError("both cuda and mps are available: no unavailable device to test with")
+
+
+SMALL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "8", "--block-size", "8", "--max-iters", "2"]
+TRAIN = ["train", "--data", "{tmp}/ok.txt", "--device", "cpu"]
+BAD_INPUTS = [  # (what is wrong, the command line, words its one-line error must contain)
+    ("data missing", ["train", "--data", "{tmp}/nope.txt"], ["nope.txt", "does not exist"]),
+    ("data empty", ["train", "--data", "{tmp}/empty.txt"], ["empty.txt", "empty"]),
+    ("data is a folder", ["train", "--data", "{tmp}"], ["directory"]),
+    ("data not utf-8", ["train", "--data", "{tmp}/latin1.txt"], ["not UTF-8", "byte 11", "line 2"]),
+    ("data too short", ["train", "--data", "{tmp}/short.txt", *SMALL], ["too short", "block_size + 1 = 9"]),
+    ("n_embd % n_head", [*TRAIN, "--n-embd", "10", "--n-head", "3"], ["--n-embd (10)", "divisible", "--n-head (3)"]),
+    ("n_layer 0", [*TRAIN, "--n-layer", "0"], ["--n-layer", "positive", "0"]),
+    ("n_head negative", [*TRAIN, "--n-head", "-2"], ["--n-head", "-2"]),
+    ("n_embd 0", [*TRAIN, "--n-embd", "0"], ["--n-embd", "0"]),
+    ("block_size 0", [*TRAIN, "--block-size", "0"], ["--block-size", "0"]),
+    ("batch_size 0", [*TRAIN, "--batch-size", "0"], ["--batch-size", "0"]),
+    ("max_iters 0", [*TRAIN, "--max-iters", "0"], ["--max-iters", "0"]),
+    ("max_iters negative", [*TRAIN, "--max-iters", "-5"], ["--max-iters", "-5"]),
+    ("grad_accum 0", [*TRAIN, "--grad-accum", "0"], ["--grad-accum", "0"]),
+    ("eval_iters 0", [*TRAIN, "--eval-iters", "0"], ["--eval-iters", "0"]),
+    ("eval_interval negative", [*TRAIN, "--eval-interval", "-1"], ["--eval-interval", "-1"]),
+    ("lr 0", [*TRAIN, "--lr", "0"], ["--lr", "positive", "0"]),
+    ("lr negative", [*TRAIN, "--lr", "-0.001"], ["--lr", "-0.001"]),
+    ("min_lr negative", [*TRAIN, "--min-lr", "-1"], ["--min-lr", "-1"]),
+    ("warmup negative", [*TRAIN, "--warmup-iters", "-1"], ["--warmup-iters", "-1"]),
+    ("dropout 1", [*TRAIN, "--dropout", "1"], ["--dropout", "[0, 1)", "1"]),
+    ("dropout negative", [*TRAIN, "--dropout", "-0.1"], ["--dropout", "-0.1"]),
+    ("not a number", [*TRAIN, "--lr", "fast"], ["--lr", "'fast'"]),
+    ("unknown device", [*TRAIN, "--device", "tpu"], ["--device", "'tpu'", "cpu"]),
+    ("unavailable device", [*TRAIN, "--device", unavailable_device()], [unavailable_device(), "not available"]),
+    ("out_dir not writable", [*TRAIN, *SMALL, "--out-dir", "{tmp}/a_file/out"], ["--out-dir", "a_file"]),
+    ("top_p 0", ["sample", "--top-p", "0"], ["--top-p", "(0, 1]", "0"]),
+    ("top_p above 1", ["sample", "--top-p", "1.5"], ["--top-p", "1.5"]),
+    ("top_k 0", ["sample", "--top-k", "0"], ["--top-k", "0"]),
+    ("temperature negative", ["sample", "--temperature", "-1"], ["--temperature", "-1"]),
+    ("max_new_tokens negative", ["sample", "--max-new-tokens", "-3"], ["--max-new-tokens", "-3"]),
+    ("num_samples 0", ["sample", "--num-samples", "0"], ["--num-samples", "0"]),
+    ("missing checkpoint", ["sample", "--out-dir", "{tmp}/no_run"], ["no_run", "does not exist"]),
+    ("sample on unavailable device", ["sample", "--device", unavailable_device()], ["not available"]),
+    ("init_from unknown", ["sample", "--init-from", "gpt5"], ["gpt5", "gpt2-medium"]),
+]
+
+
+@pytest.mark.parametrize("name, argv, words", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_a_bad_input_gets_one_clear_line_and_changes_nothing(name, argv, words, tmp_path, capsys):
+    (tmp_path / "ok.txt").write_text(SHAKESPEARE[:5000], encoding="utf-8")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("line one\nna\xefve\n".encode("latin-1"))
+    (tmp_path / "short.txt").write_text("To be, or not to be", encoding="utf-8")
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("the user's own file")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--out-dir" not in argv:
+        argv += ["--out-dir", str(tmp_path / "out")]
+    before = folder_bytes(tmp_path)
+    code = gpt.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert folder_bytes(tmp_path) == before
+
+
+def test_a_bad_input_on_the_real_command_line_prints_one_line_and_no_traceback(tmp_path):
+    result = run_gpt("train", "--data", tmp_path / "missing.txt", "--out-dir", tmp_path / "out")
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr and "missing.txt" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in trained.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    data = tmp_path / "data.txt"
+    data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
+    cases = [
+        (["train", "--resume", "--out-dir", run, "--data", data, "--tokenizer", "bpe"], ["--tokenizer bpe", "char"]),
+        (["train", "--resume", "--out-dir", run, "--data", data, "--n-layer", "3"], ["--n-layer 3", "n_layer 1"]),
+        (["train", "--resume", "--out-dir", run, "--data", data, "--n-embd", "32"], ["--n-embd 32", "n_embd 16"]),
+        (["train", "--out-dir", run, "--data", data], ["already holds a training run", "--resume"]),
+        (["sample", "--out-dir", run, "--prompt", "Hello ZZ ~ world"], ["lacks", "'~'"]),
+        (["train", "--resume", "--out-dir", tmp_path / "nothing", "--data", data], ["nothing", "does not exist"]),
+    ]
+    before = folder_bytes(tmp_path)
+    for argv, words in cases:
+        code = gpt.main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code != 0 and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+        for word in words:
+            assert word in err, (argv, word, err)
+        assert folder_bytes(tmp_path) == before, argv
+
+
+def test_zero_new_tokens_and_an_empty_prompt_are_not_errors(trained, capsys):
+    assert gpt.main(["sample", "--out-dir", str(trained), "--max-new-tokens", "0", "--prompt", "KING"]) == 0
+    assert capsys.readouterr().out == "KING\n"
+    assert gpt.main(["sample", "--out-dir", str(trained), "--max-new-tokens", "20", "--prompt", ""]) == 0
+    assert len(capsys.readouterr().out) == 21
+
+
+def write_malicious_checkpoint(path, marker):
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+    with open(path, "wb") as f:
+        pickle.dump({"format": 1, "model_state": Payload()}, f)
+
+
+def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = tmp_path / "pwned"
+    write_malicious_checkpoint(out / "ckpt.pt", marker)
+    # the payload is real: an unsafe load runs it
+    pickle.load(open(out / "ckpt.pt", "rb"))
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(gpt.GPTError, match="refused"):
+        gpt.load_checkpoint(out / "ckpt.pt")
+    assert gpt.main(["sample", "--out-dir", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "refused" in err and err.count("\n") == 1
+    assert gpt.main(["train", "--resume", "--out-dir", str(out)]) != 0
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncated", ["not a readable checkpoint"]),
+    ("text", ["not a readable checkpoint"]),
+    ("missing keys", ["lacks", "model_state"]),
+    ("future format", ["format 99", "reads format 1"]),
+    ("not a dict", ["holds a list"]),
+    ("empty", ["not a readable checkpoint"]),
+])
+def test_a_damaged_checkpoint_gets_an_error_naming_the_file_and_the_problem(damage, words, trained, tmp_path):
+    good = (trained / "ckpt.pt").read_bytes()
+    path = tmp_path / "ckpt.pt"
+    if damage == "truncated":
+        path.write_bytes(good[:len(good) // 2])
+    elif damage == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif damage == "missing keys":
+        torch.save({"format": 1, "config": {}}, path)
+    elif damage == "future format":
+        torch.save({**torch.load(trained / "ckpt.pt", weights_only=True), "format": 99}, path)
+    elif damage == "not a dict":
+        torch.save([1, 2, 3], path)
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(gpt.GPTError) as error:
+        gpt.load_checkpoint(path)
+    assert str(path) in str(error.value)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
+    out = tmp_path / "out"
+    args = [sys.executable, str(HERE / "gpt.py"), "train", "--data", str(data), "--out-dir", str(out),
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+            "--max-iters", "100000", "--eval-interval", "1", "--eval-iters", "1", "--device", "cpu"]
+    rng = random.Random(0)
+    steps = []
+    for kill in range(5):
+        saved = (out / "last.pt").stat().st_mtime_ns if kill else None
+        process = subprocess.Popen(args + (["--resume"] if kill else []), stderr=subprocess.DEVNULL)
+        # wait until this run has saved once, then kill it at a random moment
+        deadline = time.time() + 60
+        while time.time() < deadline and (not (out / "last.pt").exists() or (out / "last.pt").stat().st_mtime_ns == saved):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        for name in ("ckpt.pt", "last.pt"):
+            checkpoint = gpt.load_checkpoint(out / name)  # never half-written
+            gpt.model_from_checkpoint(checkpoint)
+        steps.append(gpt.load_checkpoint(out / "last.pt")["step"])
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["ckpt.pt", "last.pt"]
+    assert steps == sorted(steps) and steps[-1] > steps[0]  # each run resumed where the last one was killed
+    # a leftover temporary file is cleaned up by the next save
+    (out / ".last.pt.12345.tmp").write_bytes(b"half a checkpoint")
+    finished = subprocess.run(args[:args.index("--max-iters")] + ["--max-iters", str(steps[-1] + 2),
+                              "--eval-interval", "1", "--eval-iters", "1", "--device", "cpu", "--resume"],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "last.pt"]
+
+
+def assert_same_run(a, b):
+    for key in ("model_state", "optimizer_state"):
+        flat_a, flat_b = flatten(a[key]), flatten(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        for name in flat_a:
+            if isinstance(flat_a[name], torch.Tensor):
+                assert torch.equal(flat_a[name], flat_b[name]), (key, name)
+            else:
+                assert flat_a[name] == flat_b[name], (key, name)
+    assert a["step"] == b["step"] and a["loss"] == b["loss"]
+    assert [h for h in a["history"] if h in b["history"]] == a["history"] or a["history"][-1] == b["history"][-1]
+
+
+def flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, value in enumerate(tree) for k, v in flatten(value, f"{prefix}{i}.").items()}
+    return {prefix: tree}
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "max-iters"])
+def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(stop, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
+    total = 150
+    common = ["train", "--data", data, "--n-layer", 2, "--n-head", 2, "--n-embd", 32, "--block-size", 32,
+              "--batch-size", 8, "--dropout", 0.1, "--eval-interval", 25, "--eval-iters", 2, "--device", "cpu",
+              "--warmup-iters", 10, "--lr-decay-iters", total]
+    straight = run_gpt(*common, "--out-dir", tmp_path / "a", "--max-iters", total)
+    assert straight.returncode == 0, straight.stderr
+    if stop == "ctrl-c":
+        process = subprocess.Popen([sys.executable, str(HERE / "gpt.py"), *map(str, common), "--out-dir",
+                                    str(tmp_path / "b"), "--max-iters", str(total)], stderr=subprocess.PIPE, text=True)
+        while not (tmp_path / "b" / "last.pt").exists():
+            time.sleep(0.01)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        err = process.communicate(timeout=120)[1]
+        assert process.returncode == 130, err
+        assert "--resume" in err
+        stopped_at = gpt.load_checkpoint(tmp_path / "b" / "last.pt")["step"]
+        assert 0 < stopped_at < total, err
+    else:
+        first = run_gpt(*common, "--out-dir", tmp_path / "b", "--max-iters", 60)
+        assert first.returncode == 0, first.stderr
+    resumed = run_gpt("train", "--resume", "--out-dir", tmp_path / "b", "--data", data, "--max-iters", total)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (gpt.load_checkpoint(tmp_path / run / "last.pt") for run in ("a", "b"))
+    assert_same_run(a, b)
+    assert a["history"] == [h for h in b["history"] if h["step"] % 25 == 0 or h["step"] == total]
+
+
+def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_checkpoint(tmp_path, capsys):
+    cfg = train_cfg(tmp_path, lr=1e4, min_lr=1e4, warmup_iters=0, max_iters=200, eval_interval=100)
+    with pytest.raises(gpt.GPTError, match=r"diverged.*NaN or infinite at step \d+.*untouched"):
+        gpt.train(cfg)
+    for name in ("ckpt.pt", "last.pt"):
+        checkpoint = gpt.load_checkpoint(Path(cfg.out_dir) / name)
+        assert checkpoint["step"] == 0
+        assert all(torch.isfinite(t).all() for t in checkpoint["model_state"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-2's weights: parity with Hugging Face
+# ---------------------------------------------------------------------------------------------
+
+import transformers  # noqa: E402  a test-only reference; the README's test command installs it
+
+
+def hf_gpt2(n_layer, n_head, n_embd, block_size, vocab_size, seed, scale=0.2):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
+                                     n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # large random weights: logits far apart, so greedy choices are clear-cut
+        for p in model.parameters():
+            p.normal_(0.0, scale)
+    return model
+
+
+@st.composite
+def hf_shapes(draw):
+    n_head = draw(st.integers(1, 4))
+    return dict(n_layer=draw(st.integers(1, 3)), n_head=n_head, n_embd=n_head * draw(st.sampled_from([2, 4, 8])),
+                block_size=draw(st.integers(45, 64)), vocab_size=draw(st.integers(5, 300)),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@settings(deadline=None, max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=hf_shapes(), data=st.data())
+def test_from_pretrained_matches_hugging_face(shape, data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf")
+    reference = hf_gpt2(**shape)
+    reference.save_pretrained(folder)
+    model = gpt.GPT.from_pretrained(str(folder)).eval()
+    # (a) logits, with a prompt anywhere up to block_size long, near it included
+    T = data.draw(st.one_of(st.integers(1, shape["block_size"]),
+                            st.integers(shape["block_size"] - 3, shape["block_size"])))
+    idx = torch.randint(shape["vocab_size"], (2, T))
+    targets = torch.randint(shape["vocab_size"], (2, T))
+    with torch.no_grad():
+        expected = reference(idx, labels=None)
+        logits, loss = model(idx, targets)
+    assert (logits - expected.logits).abs().max().item() < 1e-5
+    # (b) the loss on the same targets (Hugging Face shifts labels itself, so give it one more token)
+    with torch.no_grad():
+        hf_loss = torch.nn.functional.cross_entropy(expected.logits.view(-1, shape["vocab_size"]), targets.view(-1))
+    assert abs(loss.item() - hf_loss.item()) < 1e-5
+    longer = torch.cat([idx[:, :1], targets], dim=1)[:, :shape["block_size"]]
+    with torch.no_grad():
+        shifted = reference(longer, labels=longer).loss
+        ours = model(longer[:, :-1], longer[:, 1:])[1]
+    assert abs(shifted.item() - ours.item()) < 1e-5
+    # (c) 40 greedy tokens, identical to Hugging Face's generate
+    prompt = idx[:1, :data.draw(st.integers(1, shape["block_size"] - 40))]
+    theirs = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
+                                min_new_tokens=40)  # the mask: a prompt token equal to pad_token_id is not padding
+    assert torch.equal(gpt.generate(model, prompt, 40, temperature=0), theirs)
+
+
+def test_the_safetensors_reader_reads_what_the_safetensors_library_writes(tmp_path):
+    from safetensors.torch import save_file
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.float16), "c": torch.randn(2, 2, 2).bfloat16(),
+               "d": torch.randn(7, dtype=torch.float64)}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    loaded = gpt.read_safetensors(tmp_path / "t.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for name in tensors:
+        assert loaded[name].dtype == tensors[name].dtype and torch.equal(loaded[name], tensors[name])
+
+
+def write_safetensors(path, tensors):
+    """The format, written by hand: 8-byte header length, JSON header, raw little-endian bytes."""
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    encoded = json.dumps(header).encode()
+    Path(path).write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("drop", ["lacks 1 tensor", "h.0.mlp.c_fc.bias"]),
+    ("reshape", ["h.1.attn.c_attn.weight", "shape (24, 8)", "expected (8, 24)"]),
+    ("extra", ["unexpected tensor", "h.0.attn.rotary"]),
+])
+def test_a_gpt2_file_with_a_missing_or_misshapen_tensor_is_an_error_naming_it(damage, words, tmp_path):
+    reference = hf_gpt2(n_layer=2, n_head=2, n_embd=8, block_size=16, vocab_size=11, seed=0)
+    tensors = {name: t.detach().clone() for name, t in reference.transformer.state_dict().items()}
+    if damage == "drop":
+        del tensors["h.0.mlp.c_fc.bias"]
+    elif damage == "reshape":  # stored the nn.Linear way round, not GPT-2's Conv1D way
+        tensors["h.1.attn.c_attn.weight"] = tensors["h.1.attn.c_attn.weight"].t().contiguous()
+    else:
+        tensors["h.0.attn.rotary"] = torch.randn(3)
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    with pytest.raises(gpt.GPTError) as error:
+        gpt.GPT.from_pretrained(str(tmp_path / "model.safetensors"))
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_a_bare_safetensors_file_written_by_hand_loads_with_its_shape_read_off_the_tensors(tmp_path):
+    reference = hf_gpt2(n_layer=2, n_head=2, n_embd=128, block_size=16, vocab_size=11, seed=1, scale=0.05)
+    tensors = {name: t.detach().clone() for name, t in reference.transformer.state_dict().items()
+               if not name.endswith(".attn.bias")}
+    write_safetensors(tmp_path / "weights.safetensors", tensors)
+    model = gpt.GPT.from_pretrained(str(tmp_path / "weights.safetensors")).eval()
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (2, 2, 128)  # 64-wide heads
+    idx = torch.randint(11, (1, 16))
+    with torch.no_grad():
+        assert (model(idx)[0] - reference(idx).logits).abs().max() < 1e-5
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with HTTP Range support; the first request for a file breaks off halfway."""
+    broken = set()
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = Path(self.server.root) / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        body = path.read_bytes()
+        start = 0
+        if "Range" in self.headers:
+            start = int(self.headers["Range"].split("=")[1].split("-")[0])
+            self.send_response(206)
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if self.path not in RangeHandler.broken and len(body) > 1000:
+            RangeHandler.broken.add(self.path)
+            self.wfile.write(body[start:start + len(body) // 2])  # then hang up
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body[start:])
+
+
+def test_a_gpt2_download_resumes_and_never_leaves_half_a_file(tmp_path, monkeypatch):
+    served = tmp_path / "hub" / "gpt2"
+    served.mkdir(parents=True)
+    hf_gpt2(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=50, seed=0).save_pretrained(served)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    server.root = tmp_path / "hub"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(gpt, "GPT2_URL", f"http://127.0.0.1:{server.server_address[1]}/{{name}}/{{file}}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "gpt.py" / "gpt2"
+    try:
+        with pytest.raises(gpt.GPTError, match="rerun to resume"):
+            gpt.GPT.from_pretrained("gpt2")
+        assert not (cached / "model.safetensors").exists()  # no half file under the real name
+        assert (cached / "model.safetensors.part").exists()
+        model = gpt.GPT.from_pretrained("gpt2")  # resumes with a Range request
+    finally:
+        server.shutdown()
+    assert (cached / "model.safetensors").read_bytes() == (served / "model.safetensors").read_bytes()
+    assert not (cached / "model.safetensors.part").exists()
+    assert model.config.vocab_size == 50
+
+
+def test_fine_tuning_a_local_gpt2_then_sampling_from_its_checkpoint(tmp_path):
+    folder = tmp_path / "gpt2-tiny"
+    hf_gpt2(n_layer=1, n_head=2, n_embd=8, block_size=64, vocab_size=50257, seed=0, scale=0.02).save_pretrained(folder)
+    data = tmp_path / "data.txt"
+    data.write_text(SHAKESPEARE[:40000], encoding="utf-8")
+    out = tmp_path / "out"
+    tuned = run_gpt("train", "--init-from", folder, "--data", data, "--out-dir", out, "--block-size", 32,
+                    "--max-iters", 4, "--eval-interval", 2, "--eval-iters", 1, "--batch-size", 2, "--dropout", 0.1)
+    assert tuned.returncode == 0, tuned.stderr
+    checkpoint = gpt.load_checkpoint(out / "ckpt.pt")
+    assert checkpoint["tokenizer"]["kind"] == "bpe"
+    assert checkpoint["config"]["n_embd"] == 8 and checkpoint["config"]["block_size"] == 32  # cropped from 64
+    assert checkpoint["train_args"]["dropout"] == 0.1
+    sampled = run_gpt("sample", "--out-dir", out, "--prompt", "ROMEO:", "--max-new-tokens", 10)
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith("ROMEO:")
+    conflicting = run_gpt("train", "--init-from", folder, "--data", data, "--out-dir", tmp_path / "o2",
+                          "--n-layer", 4)
+    assert conflicting.returncode != 0 and "--n-layer 4" in conflicting.stderr
+    from_folder = run_gpt("sample", "--init-from", folder, "--prompt", "Hello", "--max-new-tokens", 5)
+    assert from_folder.returncode == 0 and from_folder.stdout.startswith("Hello")
