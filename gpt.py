@@ -277,10 +277,11 @@ def causal_attention_written_out(q, k, v, dropout_p=0.0):
     # near 1 whatever the head size, so the softmax does not saturate (Vaswani et al. 2017).
     # Dividing q gives the same scores as dividing the result, on a tensor Tk / hs times smaller.
     scores = (q / math.sqrt(hs)) @ k.transpose(-2, -1)  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
-    # The causal mask: the query at position t may look at keys 0..t, never at the future.
-    # Query i sits at position Tk - Tq + i, hence the diagonal offset.
-    causal_mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)  # (Tq, Tk)
-    scores.masked_fill_(~causal_mask, float("-inf"))  # in place: a future key gets weight exp(-inf) = 0
+    # The causal mask, added to the scores: 0 where the query may look (the query at position t
+    # sees keys 0..t), -inf on the future, whose weight becomes exp(-inf) = 0. Query i sits at
+    # position Tk - Tq + i, hence the diagonal offset.
+    causal_mask = torch.full((Tq, Tk), float("-inf"), dtype=scores.dtype, device=q.device).triu(Tk - Tq + 1)  # (Tq, Tk)
+    scores += causal_mask  # in place, and the gradient of an addition costs nothing in the backward pass
     weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk): each row sums to 1
     weights = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
     return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
@@ -325,7 +326,6 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # c_proj mixes the heads' outputs back into the residual stream: C -> C.
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
         # True: always the written-out version (the tests use it to compare the two).
@@ -333,21 +333,21 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv_cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) -> (B, T, 3C) -> 3 x (B, T, C)
-        # Split the channels into heads and move the head axis next to batch, so that every
-        # head is an independent attention computation.
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, C) -> (B, T, 3C) -> (B, T, 3, nh, hs)
+        # Move the head axis next to batch: every head is an independent attention computation.
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (B, T, 3, nh, hs) -> (3, B, nh, T, hs)
+        q, k, v = qkv  # 3 x (B, nh, T, hs)
         if kv_cache is not None:  # sampling: add this step's keys and values to the earlier ones
-            k, v = kv_cache.store(layer, k, v)  # (B, nh, T, hs) -> (B, nh, T_past + T, hs)
+            k, v = kv_cache.store(layer, qkv[1:])  # (2, B, nh, T, hs) -> 2 x (B, nh, T_past + T, hs), in float32
+            q = q.float()
         dropout_p = self.dropout if self.training else 0.0
         if fused_attention_pays(q) and not self.written_out:
             y = causal_attention_fused(q, k, v, dropout_p)  # (B, nh, T, hs)
         else:
             y = causal_attention_written_out(q, k, v, dropout_p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))  # (B, T, C) -> (B, T, C)
+        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
+        y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
+        return F.dropout(y, self.dropout) if self.training else y
 
 
 class MLP(nn.Module):
@@ -358,14 +358,14 @@ class MLP(nn.Module):
         # 4x wide, as in the original Transformer (d_ff = 4 * d_model) and in GPT-2.
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
         x = self.c_fc(x)  # (B, T, C) -> (B, T, 4C)
         # GELU with the tanh approximation, exactly as GPT-2's code computes it.
         x = F.gelu(x, approximate="tanh")
         x = self.c_proj(x)  # (B, T, 4C) -> (B, T, C)
-        return self.dropout(x)
+        return F.dropout(x, self.dropout) if self.training else x
 
 
 class Block(nn.Module):
@@ -391,23 +391,26 @@ class KVCache:
     Without it, sampling each new token recomputes the whole context: T positions of work for
     one new token. The keys and values of earlier positions never change (a position only looks
     backwards), so we keep them and compute only the new position: one position of work.
+
+    The cache is float32 whatever the weights are: attention of one query to 200 cached
+    positions (8 heads of 32) took 55 us in bfloat16 and 18 us in float32 on README.md's CPU.
     """
 
     def __init__(self, config, batch_size):
         hs = config.n_embd // config.n_head
-        self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, hs)  # (L, B, nh, block_size, hs)
-        self.k = self.v = None  # allocated at the first store, in the dtype and on the device of the keys
+        self.shape = (2, batch_size, config.n_head, config.block_size, hs)  # (k and v, B, nh, block_size, hs) per layer
+        self.n_layer = config.n_layer
+        self.kv = None  # allocated at the first store, on the device of the keys
         self.length = 0  # how many positions are stored
 
-    def store(self, layer, k, v):
-        """Store the keys and values of the new positions; return those of all positions so far."""
-        if self.k is None:
-            self.k = k.new_zeros(self.shape)
-            self.v = v.new_zeros(self.shape)
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k  # (B, nh, T_new, hs) into (B, nh, block_size, hs)
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, T_past + T_new, hs)
+    def store(self, layer, kv):
+        """Store the keys and values (2, B, nh, T, hs) of the new positions; return the keys and
+        the values of all positions so far."""
+        if self.kv is None:
+            self.kv = [kv.new_zeros(self.shape, dtype=torch.float32) for _ in range(self.n_layer)]
+        start, T = self.length, kv.size(3)
+        self.kv[layer].narrow(3, start, T).copy_(kv)  # (2, B, nh, T, hs) into (2, B, nh, block_size, hs)
+        return self.kv[layer].narrow(3, 0, start + T).unbind(0)  # 2 x (B, nh, T_past + T, hs)
 
 
 class GPT(nn.Module):
@@ -418,7 +421,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # "word token embedding": id -> vector
             wpe=nn.Embedding(config.block_size, config.n_embd),  # "word position embedding": position -> vector
-            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),  # the "hidden" layers
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),  # the final LayerNorm
         ))
@@ -456,7 +458,7 @@ class GPT(nn.Module):
                              f"{self.config.block_size}, the longest this model has positions for")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) the positions of these tokens
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
-        x = self.transformer.drop(x)
+        x = F.dropout(x, self.config.dropout) if self.training else x  # GPT-2 drops out the embeddings too
         for layer, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer)  # (B, T, C) -> (B, T, C)
         if kv_cache is not None:
@@ -956,7 +958,7 @@ def peak_flops(device, dtype):
     generator = torch.Generator().manual_seed(0)  # its own: the probe must not move the training's random state
     a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
     best = float("inf")
-    for _ in range(4):
+    for _ in range(10):
         start = time.perf_counter()
         for _ in range(4):
             a @ b
@@ -1198,9 +1200,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # back to vocabulary order
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
-    drawn_probs = probs.gather(-1, next_ids.clamp(0, probs.size(-1) - 1))
-    if not ((next_ids >= 0) & (next_ids < probs.size(-1)) & (drawn_probs > 0)).all():
-        raise RuntimeError(f"the sampler drew an impossible token id {next_ids.flatten().tolist()}")
+    ids = next_ids.flatten().tolist()
+    if not all(0 <= i < probs.size(-1) and probs[row, i] > 0 for row, i in enumerate(ids)):
+        raise RuntimeError(f"the sampler drew an impossible token id {ids}")
     return next_ids
 
 
@@ -1208,6 +1210,21 @@ def check_sampling_settings(temperature, top_k, top_p):
     require(temperature >= 0, f"temperature must be 0 or more (0 means greedy), got {temperature}")
     require(top_k is None or top_k >= 1, f"top-k must be 1 or more, got {top_k}")
     require(top_p is None or 0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")
+
+
+@contextlib.contextmanager
+def vector_products_in_pytorch(enabled):
+    """One new token makes every matmul a vector-matrix product. PyTorch hands bfloat16 matmuls
+    on a CPU to oneDNN, whose setup per call costs more than the product itself when the
+    input is one row; PyTorch's own kernel is faster there: the 24 vector-matrix products of
+    the default model took 1.2 ms through oneDNN and 0.5 ms without it (README.md's machine).
+    For matrix-matrix products (reading a prompt, training) oneDNN is the fast one."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = previous and not enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 @torch.inference_mode()
@@ -1237,7 +1254,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
                 if cache is not None:
                     pending = context[:, -(block_size // 2):]  # (B, block_size // 2)
                 cache = KVCache(model.config, idx.size(0))
-            logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V): only the new positions
+            with vector_products_in_pytorch(pending.size(1) == 1 and device.type == "cpu"):
+                logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V): only the new positions
         next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
         yield next_id
         pending = next_id.to(device)
@@ -1288,8 +1306,6 @@ def sample(cfg, out=None):
     prompt = tokenizer.encode(cfg.prompt) or [tokenizer.start_token]
     if len(prompt) > model.config.block_size:
         log(f"the prompt has {len(prompt)} tokens; the model sees its last {model.config.block_size}")
-    # Sampling one sequence reads every weight once per token: the time goes to moving weights
-    # through memory, so 16-bit weights (half the bytes) sample faster than float32 ones.
     model.to(device=device, dtype=dtype)
     idx = torch.tensor([prompt], device=device)  # (1, T)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -1324,7 +1340,7 @@ def sample(cfg, out=None):
 class BenchConfig:
     device: str = option("auto", "where to run; auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
     steps: int = option(10, "timed training steps per round")
-    rounds: int = option(5, "rounds, each timing float32 then the auto dtype; the table shows medians")
+    rounds: int = option(3, "rounds; each times every variant once, in turn; the tables show medians")
     sample_tokens: int = option(1000, "tokens to sample from a one-token prompt")
 
     def __post_init__(self):
@@ -1392,30 +1408,30 @@ def bench(cfg, out=None):
         ratios = [a / b for a, b in zip(seconds[dtypes[0]], seconds[dtypes[-1]])]
         out.write(f"speed-up of {name(dtypes[-1])} over float32: {median(ratios):.2f}x (median of the rounds' ratios)\n")
 
-    out.write(f"\nsampling one sequence from a one-token prompt, tokens/s\n| weights | KV cache | 255 tokens | "
-              f"{cfg.sample_tokens} tokens |\n|---|---|---|---|\n")
+    # Sampling: every variant once per round, in turn, so that all of them see the same machine.
+    n = cfg.sample_tokens
+    variants = [(dtype, tokens, kv_cache) for dtype in dtypes
+                for tokens, kv_cache in ((255, True), (n, True), (n, False))]
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-    results = {}
-    for dtype in reversed(dtypes):
-        model.to(dtype)
-        for kv_cache in (True, False):
-            row = []
-            for n in (255, cfg.sample_tokens):
-                if not kv_cache and n == 255:
-                    row.append("")
-                    continue
-                generator = torch.Generator().manual_seed(0)
-                start = time.perf_counter()
-                generate(model, prompt, n, kv_cache=kv_cache, generator=generator)
-                row.append(n / (time.perf_counter() - start))
-                log(f"sampled {n} tokens, {name(dtype)} weights, {'with' if kv_cache else 'without'} KV cache: "
-                    f"{row[-1]:,.0f} tokens/s")
-            results[dtype, kv_cache] = row
-            out.write(f"| {name(dtype)} | {'yes' if kv_cache else 'no'} | " +
-                      " | ".join(f"{r:,.0f}" if r else "-" for r in row) + " |\n")
-    fastest = max(r[1] for (d, kv), r in results.items() if kv)
-    out.write(f"KV cache speed-up at {cfg.sample_tokens} tokens: {fastest / results[torch.float32, False][1]:.1f}x "
-              f"over recomputing the context in float32\n")
+    speed = {variant: [] for variant in variants}
+    for round_ in range(cfg.rounds):
+        for dtype, tokens, kv_cache in variants:
+            model.to(dtype)
+            generate(model, prompt, 8, kv_cache=kv_cache)  # warm-up
+            start = time.perf_counter()
+            generate(model, prompt, tokens, kv_cache=kv_cache, generator=torch.Generator().manual_seed(0))
+            speed[dtype, tokens, kv_cache].append(tokens / (time.perf_counter() - start))
+        log(f"sampling round {round_ + 1}/{cfg.rounds}: " + ", ".join(
+            f"{name(d)} {t}{'' if kv else ' uncached'} {s[-1]:,.0f}" for (d, t, kv), s in speed.items()) + " tokens/s")
+    out.write(f"\nsampling one sequence from a one-token prompt, tokens/s ({cfg.rounds} rounds, medians; "
+              f"`sample` uses {name(dtypes[-1])} weights)\n| weights | KV cache, 255 tokens | KV cache, {n} tokens | "
+              f"no cache, {n} tokens |\n|---|---|---|---|\n")
+    for dtype in dtypes:
+        cells = [speed.get((dtype, tokens, kv)) for tokens, kv in ((255, True), (n, True), (n, False))]
+        out.write(f"| {name(dtype)} | " + " | ".join(f"{median(c):,.0f}" if c else "-" for c in cells) + " |\n")
+    best_uncached = max(median(s) for (d, t, kv), s in speed.items() if not kv)
+    out.write(f"KV cache ({name(dtypes[-1])}) over the fastest recomputation, at {n} tokens: "
+              f"{median(speed[dtypes[-1], n, True]) / best_uncached:.1f}x\n")
     out.flush()
 
 
