@@ -854,7 +854,7 @@ class TrainConfig:
     weight_decay: float = option(0.1, "AdamW weight decay, applied to weight matrices only")
     beta2: float = option(0.99, "AdamW beta2; 0.99 suits small batches (GPT-3 used 0.95 at 0.5M tokens a step)")
     grad_clip: float = option(1.0, "clip the gradient's global norm to this")
-    eval_interval: int = option(250, "evaluate (and save) every this many steps")
+    eval_interval: int = option(500, "evaluate (and save) every this many steps")
     eval_iters: int = option(40, "batches averaged for each evaluation of the train and val loss")
     peak_flops: float = option(None, "peak FLOP/s for the MFU figure",
                                default_text="a matmul probe on CPU, the card's published peak on CUDA")
