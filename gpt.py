@@ -41,6 +41,7 @@ import math
 import mmap
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -749,9 +750,11 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("format", "model_state", "config", "tokenizer", "step", "loss")
 
 
-def save_checkpoint(checkpoint, path):
+def save_checkpoint(checkpoint, path, also=None):
+    """Write checkpoint to path atomically; with `also`, give the same file a second name (a hard
+    link: a 1.5 GB GPT-2 checkpoint is then written once, not twice)."""
     path = Path(path)
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed halfway
+    for leftover in path.parent.glob(".*.pt.*.tmp"):  # left by a save that was killed halfway
         leftover.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -759,13 +762,21 @@ def save_checkpoint(checkpoint, path):
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them "the" checkpoint
+        if also is not None:
+            second = also.with_name(f".{also.name}.{os.getpid()}.tmp")
+            try:
+                os.link(tmp, second)
+            except OSError:  # a file system without hard links: a second copy
+                shutil.copyfile(tmp, second)
+            os.replace(second, also)
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        for leftover in path.parent.glob(f".*.{os.getpid()}.tmp"):
+            leftover.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise GPTError(f"could not write {path}: {e.strerror or e}; the previous {path.name} is untouched") from None
+            raise GPTError(f"could not write {path}: {e.strerror or e}; the previous checkpoints are untouched") from None
         raise
-    if os.name == "posix":  # make the rename itself durable
+    if os.name == "posix":  # make the renames themselves durable
         folder = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(folder)
@@ -928,17 +939,21 @@ def train_step(model, params, optimizer, scaler, next_batch, grad_accum, context
 
 
 @torch.no_grad()
-def estimate_loss(model, data, cfg, block_size, device, context, seed):
+def estimate_loss(model, data, cfg, block_size, device, context, seed, split):
     """Mean loss over eval_iters batches. The batches come from their own generator, seeded the
     same way each time: evaluations are comparable and never disturb the training batches."""
     model.eval()  # turns dropout off
     generator = torch.Generator().manual_seed(seed)
     total = torch.zeros((), device=device)
-    for _ in range(cfg.eval_iters):
+    last_report = time.perf_counter()
+    for i in range(cfg.eval_iters):
         x, y = get_batch(data, block_size, cfg.batch_size, generator)
         with context:
             _, loss = model(x.to(device), y.to(device))
         total += loss
+        if time.perf_counter() - last_report > 3:  # a long evaluation is never silent
+            log(f"evaluating the {split} loss: batch {i + 1}/{cfg.eval_iters}")
+            last_report = time.perf_counter()
     model.train()
     return (total / cfg.eval_iters).item()
 
@@ -975,25 +990,27 @@ def duration(seconds):
 
 @contextlib.contextmanager
 def ctrl_c_finishes_the_step():
-    """While training, the first Ctrl-C asks the loop to stop after the current step (it then
-    saves and exits); a second one stops at once."""
+    """While training, the first Ctrl-C (or a `kill`, SIGTERM) asks the loop to stop after the
+    current step: it then saves and exits. A second Ctrl-C stops at once, without saving."""
     requested = []
 
     def handler(signum, frame):
         if requested:
             raise KeyboardInterrupt
-        requested.append(True)
-        log("\nCtrl-C: finishing this step, then saving (Ctrl-C again stops at once, without saving)")
+        requested.append(signum)
+        log(f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: finishing this step, then saving "
+            f"(Ctrl-C again stops at once, without saving)")
 
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: leave Ctrl-C alone
-        previous = None
+        previous = {s: signal.signal(s, handler) for s in stop_signals}
+    except ValueError:  # not the main thread: leave the signals alone
+        previous = {}
     try:
         yield requested
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler_before in previous.items():
+            signal.signal(s, handler_before)
 
 
 def resumed_config(given):
@@ -1121,27 +1138,34 @@ def train(cfg):
         nonlocal best_val
         check_finite()
         start = time.perf_counter()
-        losses = {"step": step, "train": estimate_loss(forward, train_data, cfg, config.block_size, device, context,
-                                                       cfg.seed + 1),
-                  "val": estimate_loss(forward, val_data, cfg, config.block_size, device, context, cfg.seed + 2)}
+        losses = {"step": step}
+        for split, data, seed in (("train", train_data, cfg.seed + 1), ("val", val_data, cfg.seed + 2)):
+            losses[split] = estimate_loss(forward, data, cfg, config.block_size, device, context, seed, split)
         require(math.isfinite(losses["val"]), f"training diverged: the val loss is {losses['val']} at step {step}; "
                 f"{out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
         history.append(losses)
-        note = ""
-        if losses["val"] < best_val:
+        if losses["val"] < best_val:  # the latest state is also the best: one file under two names
             best_val = losses["val"]
-            save_checkpoint(checkpoint(float(loss)), out_dir / "ckpt.pt")
+            save_checkpoint(checkpoint(float(loss)), out_dir / "ckpt.pt", also=out_dir / "last.pt")
             note = ", best so far: saved ckpt.pt"
-        save_checkpoint(checkpoint(float(loss)), out_dir / "last.pt")
-        log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note} "
-            f"({time.perf_counter() - start:.1f}s)")
+        else:
+            save_checkpoint(checkpoint(float(loss)), out_dir / "last.pt")
+            note = ""
+        seconds = time.perf_counter() - start
+        log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note} ({seconds:.1f}s)")
+        return seconds
 
-    start_step, started = step, time.perf_counter()
+    # Timing for the log: ms/step counts training steps only; the ETA adds the evaluations to come.
+    started = time.perf_counter()
+    train_seconds, timed_steps, eval_seconds = 0.0, 0, 0.0
     last_log_time, last_log_step = started, step
     with ctrl_c_finishes_the_step() as stop_requested:
         while step < cfg.max_iters:
             if step % cfg.eval_interval == 0 and not (history and history[-1]["step"] == step):
-                evaluate_and_save()
+                eval_seconds = evaluate_and_save()
+                if cfg.peak_flops is None:  # the machine may be shared: keep the best probe seen
+                    peak = max(peak, peak_flops(device, dtype))
+                last_log_time, last_log_step = time.perf_counter(), step
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -1150,10 +1174,12 @@ def train(cfg):
             step += 1
 
             now = time.perf_counter()
-            if now - last_log_time >= 3 or step == start_step + 1 or step == cfg.max_iters or stop_requested:
+            if now - last_log_time >= 3 or timed_steps == 0 or step == cfg.max_iters or stop_requested:
                 check_finite()
+                train_seconds, timed_steps = train_seconds + now - last_log_time, timed_steps + step - last_log_step
                 dt = (now - last_log_time) / (step - last_log_step)
-                eta = (now - started) / (step - start_step) * (cfg.max_iters - step)
+                evals_left = (cfg.max_iters - 1) // cfg.eval_interval - step // cfg.eval_interval + 1
+                eta = (cfg.max_iters - step) * train_seconds / timed_steps + evals_left * eval_seconds
                 log(f"step {step}/{cfg.max_iters} | loss {float(loss):.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
                     f"{tokens_per_step / dt:,.0f} tok/s | MFU {flops_per_step / dt / peak:.0%} | ETA {duration(eta)}")
                 last_log_time, last_log_step = now, step

@@ -776,7 +776,7 @@ def flatten(tree, prefix=""):
     return {prefix: tree}
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "max-iters"])
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "max-iters"])
 def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(stop, tmp_path):
     data = tmp_path / "data.txt"
     data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
@@ -786,13 +786,13 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(stop, tmp_path
               "--warmup-iters", 10, "--lr-decay-iters", total]
     straight = run_gpt(*common, "--out-dir", tmp_path / "a", "--max-iters", total)
     assert straight.returncode == 0, straight.stderr
-    if stop == "ctrl-c":
+    if stop in ("ctrl-c", "sigterm"):
         process = subprocess.Popen([sys.executable, str(HERE / "gpt.py"), *map(str, common), "--out-dir",
                                     str(tmp_path / "b"), "--max-iters", str(total)], stderr=subprocess.PIPE, text=True)
         while not (tmp_path / "b" / "last.pt").exists():
             time.sleep(0.01)
         time.sleep(0.3)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
         err = process.communicate(timeout=120)[1]
         assert process.returncode == 130, err
         assert "--resume" in err
@@ -806,6 +806,26 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(stop, tmp_path
     a, b = (gpt.load_checkpoint(tmp_path / run / "last.pt") for run in ("a", "b"))
     assert_same_run(a, b)
     assert a["history"] == [h for h in b["history"] if h["step"] % 25 == 0 or h["step"] == total]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_the_checkpoints_loadable(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(HERE / "gpt.py"), "train", "--data", str(data), "--out-dir",
+                                str(out), "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64",
+                                "--max-iters", "100000", "--eval-interval", "1", "--eval-iters", "1",
+                                "--device", "cpu"], stderr=subprocess.PIPE, text=True)
+    while not (out / "last.pt").exists():
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    for name in ("ckpt.pt", "last.pt"):
+        gpt.model_from_checkpoint(gpt.load_checkpoint(out / name))
 
 
 def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_checkpoint(tmp_path, capsys):
