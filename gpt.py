@@ -12,18 +12,20 @@ LayerNorm, and an output layer that shares its weights with the token embedding.
 parameters carry the names of OpenAI's checkpoint, so GPT.from_pretrained("gpt2") loads the
 real weights into it.
 
-Read it in order; nothing is used before it is defined:
+Read it in order:
     1. Config           what a model is made of: GPTConfig
     2. Tokenizers       text <-> integers: CharTokenizer, BPETokenizer
     3. Data             a text file -> batches of (input, target) windows
-    4. Model            attention, MLP, block, GPT, and the KV cache used for sampling
-    5. Devices          CPU / CUDA / Apple MPS, and the number formats (float32, bfloat16)
-    6. Checkpoints      one file holds everything needed to sample or to resume training
-    7. Training         the loop: AdamW, warm-up + cosine learning rate, evaluation, logging
-    8. Sampling         temperature, top-k, top-p, streamed token by token
-    9. GPT-2 weights    reading OpenAI's released checkpoints (safetensors)
+    4. Model            the KV cache, attention, MLP, block, GPT
+    5. GPT-2 weights    reading OpenAI's released checkpoints (safetensors) into GPT
+    6. Devices          CPU / CUDA / Apple MPS, and the number formats (float32, bfloat16)
+    7. Checkpoints      one file holds everything needed to sample or to resume training
+    8. Training         the loop: AdamW, warm-up + cosine learning rate, evaluation, logging
+    9. Sampling         temperature, top-k, top-p, streamed token by token
    10. Benchmark        how fast this machine trains and samples
    11. Command line     `train`, `sample` and `bench`
+Apart from GPT.from_pretrained, which calls the reader of section 5, nothing is used before it
+is defined. Timings quoted in comments were measured on the 2-core CPU described in README.md.
 
 Shapes are written in comments with these letters:
     B  batch size (how many sequences at once)     T  time (tokens in a sequence)
@@ -36,6 +38,7 @@ import argparse
 import codecs
 import contextlib
 import dataclasses
+import http.client
 import json
 import math
 import mmap
@@ -45,6 +48,7 @@ import shutil
 import signal
 import sys
 import time
+import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass, field
@@ -70,9 +74,19 @@ def option(default, help, **argparse_kwargs):
     return field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
+def flag(name):
+    """A field name as its command-line flag: block_size -> block-size."""
+    return name.replace("_", "-")
+
+
 def require(condition, message):
     if not condition:
         raise GPTError(message)
+
+
+def log(message, end="\n"):
+    """Progress and diagnostics go to stderr; stdout carries only sampled text."""
+    print(message, file=sys.stderr, end=end, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +94,8 @@ def require(condition, message):
 #
 # Everything that decides the *shape* of a model, and so which checkpoints it can load. The
 # defaults are a "typical" small model: about 4.8M parameters, trained in a few minutes on a
-# GPU or overnight on a laptop's CPU. GPT-2 small is GPTConfig(50257, 1024, 12, 12, 768).
+# GPU or in an hour on a laptop's CPU. GPT-2 small is GPTConfig(vocab_size=50257,
+# block_size=1024, n_layer=12, n_head=12, n_embd=768).
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -90,7 +105,7 @@ class GPTConfig:
     n_layer: int = 6        # how many transformer blocks are stacked
     n_head: int = 8         # attention heads per block; each looks at hs = n_embd // n_head channels
     n_embd: int = 256       # C: the width of every token's vector
-    dropout: float = 0.0    # probability of zeroing an activation while training (GPT-2 used 0.1)
+    dropout: float = 0.0    # probability of zeroing an activation while training (GPT-2's released config: 0.1)
     bias: bool = True       # GPT-2 has biases in its Linear and LayerNorm layers
 
     def __post_init__(self):
@@ -108,8 +123,9 @@ class GPTConfig:
 # 2. Tokenizers
 #
 # A model reads integers, not text. A tokenizer turns text into a list of token ids and back.
-# Both tokenizers below offer the same four things (encode, decode, vocab_size, token_bytes),
-# so the model and the training loop never know which one they were given.
+# Both tokenizers below offer the same things (encode, decode, vocab_size, token_bytes for
+# streaming, start_token for an empty prompt, to_dict for checkpoints), so the model and the
+# training loop never know which one they were given.
 #
 # - CharTokenizer: one token per character. The vocabulary is the sorted set of characters of
 #   the training text (65 for Shakespeare). Tiny vocabulary, long sequences.
@@ -197,6 +213,7 @@ class BPETokenizer:
 
 
 def tokenizer_from_dict(d):
+    require(isinstance(d, dict), f"unknown tokenizer {d!r}: expected a dict with kind 'char' or 'bpe'")
     if d.get("kind") == "char":
         return CharTokenizer(d["chars"])
     if d.get("kind") == "bpe":
@@ -267,6 +284,35 @@ def get_batch(data, block_size, batch_size, generator):
 # correction into it, so gradients flow straight from the loss to the first layer.
 # ----------------------------------------------------------------------------------------------
 
+class KVCache:
+    """The keys and values of every position seen so far, for every layer.
+
+    Without it, sampling each new token recomputes the whole context: T positions of work for
+    one new token. The keys and values of earlier positions never change (a position only looks
+    backwards), so we keep them and compute only the new position: one position of work.
+
+    The cache holds at least float32, whatever the weights are: on a CPU, attention of one
+    query to 200 cached positions (8 heads of 32) took 55 us in bfloat16 and 18 us in float32.
+    """
+
+    def __init__(self, config, batch_size):
+        hs = config.n_embd // config.n_head
+        self.shape = (2, batch_size, config.n_head, config.block_size, hs)  # (k and v, B, nh, block_size, hs) per layer
+        self.n_layer = config.n_layer
+        self.kv = None  # allocated at the first store, on the device of the keys
+        self.length = 0  # how many positions are stored
+
+    def store(self, layer, kv):
+        """Store the keys and values (2, B, nh, T, hs) of the new positions; return the keys and
+        the values of all positions so far."""
+        if self.kv is None:
+            dtype = torch.promote_types(kv.dtype, torch.float32)
+            self.kv = [kv.new_zeros(self.shape, dtype=dtype) for _ in range(self.n_layer)]
+        start, T = self.length, kv.size(3)
+        self.kv[layer].narrow(3, start, T).copy_(kv)  # (2, B, nh, T, hs) into (2, B, nh, block_size, hs)
+        return self.kv[layer].narrow(3, 0, start + T).unbind(0)  # 2 x (B, nh, T_past + T, hs)
+
+
 def causal_attention_written_out(q, k, v, dropout_p=0.0):
     """Attention as the paper writes it: softmax(q @ k^T / sqrt(hs), causally masked) @ v.
 
@@ -282,7 +328,10 @@ def causal_attention_written_out(q, k, v, dropout_p=0.0):
     # sees keys 0..t), -inf on the future, whose weight becomes exp(-inf) = 0. Query i sits at
     # position Tk - Tq + i, hence the diagonal offset.
     causal_mask = torch.full((Tq, Tk), float("-inf"), dtype=scores.dtype, device=q.device).triu(Tk - Tq + 1)  # (Tq, Tk)
-    scores += causal_mask  # in place, and the gradient of an addition costs nothing in the backward pass
+    # Added in place: no second (B, nh, Tq, Tk) tensor, and the backward pass of an addition is
+    # free (a masked_fill would mask the gradient again). The matmul's backward does not need
+    # its own output, so overwriting it is safe.
+    scores += causal_mask  # (B, nh, Tq, Tk) + (Tq, Tk)
     weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk): each row sums to 1
     weights = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
     return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
@@ -293,17 +342,17 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
     (Tq, Tk) score matrix in memory. A test checks that both versions agree."""
     Tq, Tk = q.size(-2), k.size(-2)
     if Tq == Tk:  # training, or the first pass over a prompt
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, Tq, hs)
     if Tq == 1:  # one new token with a KV cache: it may look at every earlier position
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
     # is_causal aligns its mask to the top-left corner, which is wrong when Tq < Tk.
     return causal_attention_written_out(q, k, v, dropout_p)
 
 
-def fused_attention_pays(q):
+def use_fused_attention(q):
     """Which version to run. The fused kernel, except in two cases:
     - Apple's MPS: its is_causal kernel has let half-precision tokens see the future
-      (pytorch issue 195910); the written-out version is correct there.
+      (pytorch issue 195910). The written-out version is correct there, in every dtype.
     - Training in bfloat16 on a CPU with a context up to 512: PyTorch's fused CPU kernel is slow
       to differentiate in bfloat16. Forward + backward of one layer of the default model
       (B 16, nh 8, T 256, hs 32) took 41 ms fused and 27 ms written out on a 2-core AVX-512 CPU;
@@ -339,10 +388,10 @@ class CausalSelfAttention(nn.Module):
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (B, T, 3, nh, hs) -> (3, B, nh, T, hs)
         q, k, v = qkv  # 3 x (B, nh, T, hs)
         if kv_cache is not None:  # sampling: add this step's keys and values to the earlier ones
-            k, v = kv_cache.store(layer, qkv[1:])  # (2, B, nh, T, hs) -> 2 x (B, nh, T_past + T, hs), in float32
-            q = q.float()
+            k, v = kv_cache.store(layer, qkv[1:])  # (2, B, nh, T, hs) -> 2 x (B, nh, T_past + T, hs)
+            q = q.to(k.dtype)  # the cache's dtype: at least float32
         dropout_p = self.dropout if self.training else 0.0
-        if fused_attention_pays(q) and not self.written_out:
+        if use_fused_attention(q) and not self.written_out:
             y = causal_attention_fused(q, k, v, dropout_p)  # (B, nh, T, hs)
         else:
             y = causal_attention_written_out(q, k, v, dropout_p)  # (B, nh, T, hs)
@@ -386,34 +435,6 @@ class Block(nn.Module):
         return x
 
 
-class KVCache:
-    """The keys and values of every position seen so far, for every layer.
-
-    Without it, sampling each new token recomputes the whole context: T positions of work for
-    one new token. The keys and values of earlier positions never change (a position only looks
-    backwards), so we keep them and compute only the new position: one position of work.
-
-    The cache is float32 whatever the weights are: attention of one query to 200 cached
-    positions (8 heads of 32) took 55 us in bfloat16 and 18 us in float32 on README.md's CPU.
-    """
-
-    def __init__(self, config, batch_size):
-        hs = config.n_embd // config.n_head
-        self.shape = (2, batch_size, config.n_head, config.block_size, hs)  # (k and v, B, nh, block_size, hs) per layer
-        self.n_layer = config.n_layer
-        self.kv = None  # allocated at the first store, on the device of the keys
-        self.length = 0  # how many positions are stored
-
-    def store(self, layer, kv):
-        """Store the keys and values (2, B, nh, T, hs) of the new positions; return the keys and
-        the values of all positions so far."""
-        if self.kv is None:
-            self.kv = [kv.new_zeros(self.shape, dtype=torch.float32) for _ in range(self.n_layer)]
-        start, T = self.length, kv.size(3)
-        self.kv[layer].narrow(3, start, T).copy_(kv)  # (2, B, nh, T, hs) into (2, B, nh, block_size, hs)
-        return self.kv[layer].narrow(3, 0, start + T).unbind(0)  # 2 x (B, nh, T_past + T, hs)
-
-
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -432,9 +453,11 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
 
         # GPT-2's initialisation: every weight from a normal distribution with std 0.02, biases
-        # zero, LayerNorms the identity (PyTorch's default). The layers that write into the
-        # residual stream (the two c_proj) are scaled down by 1/sqrt(2 * n_layer): the stream
-        # adds 2 of them per block, and this keeps its variance from growing with depth.
+        # zero, LayerNorms the identity (PyTorch's default). (OpenAI's code draws wpe with
+        # 0.01; like nanoGPT we use 0.02 throughout.) The layers that write into the residual
+        # stream (the two c_proj) are scaled down by 1/sqrt(2 * n_layer), as the GPT-2 paper's
+        # section 2.3 says: the stream adds 2 of them per block, and this keeps its variance
+        # from growing with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -459,7 +482,7 @@ class GPT(nn.Module):
                              f"{self.config.block_size}, the longest this model has positions for")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) the positions of these tokens
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
-        x = F.dropout(x, self.config.dropout) if self.training else x  # GPT-2 drops out the embeddings too
+        x = F.dropout(x, self.config.dropout) if self.training else x  # embedding dropout (GPT-2's embd_pdrop)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer)  # (B, T, C) -> (B, T, C)
         if kv_cache is not None:
@@ -479,7 +502,10 @@ class GPT(nn.Module):
         .safetensors file. The next section explains the file format and the names."""
         config, state = read_gpt2_weights(name_or_path)
         config = dataclasses.replace(config, dropout=dropout)
-        model = cls(config)
+        with torch.device("meta"):  # shapes only: drawing 1.5B random numbers for gpt2-xl would be wasted
+            model = cls(config)
+        model.to_empty(device="cpu")
+        model.lm_head.weight = model.transformer.wte.weight  # to_empty gave the two names separate tensors
         model.load_state_dict(state)
         if block_size is not None and block_size < config.block_size:
             model.crop_block_size(block_size)
@@ -488,7 +514,8 @@ class GPT(nn.Module):
     def crop_block_size(self, block_size):
         """Keep the first block_size position embeddings: a shorter context, cheaper to fine-tune."""
         self.config = dataclasses.replace(self.config, block_size=block_size)
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        kept = self.transformer.wpe.weight[:block_size].detach().clone()  # (block_size_old, C) -> (block_size, C)
+        self.transformer.wpe.weight = nn.Parameter(kept)
 
     def flops_per_token(self):
         """Floating-point operations to train on one token, forward and backward (PaLM paper,
@@ -513,8 +540,8 @@ class GPT(nn.Module):
 #                                     "data_offsets": [begin, end]}, "__metadata__": {...}}
 #     the rest       the raw bytes of every tensor, at its offsets
 #
-# The names are ours without the "transformer." prefix (h.0.attn.c_attn.weight, ...), because
-# our parameter names follow OpenAI's checkpoint. One difference: GPT-2's code computes its
+# The names are ours, with or without the "transformer." prefix (h.0.attn.c_attn.weight, ...),
+# because our parameter names follow OpenAI's checkpoint. One difference: GPT-2's code computes its
 # linear layers with a "Conv1D" that stores the weight as (in, out), where nn.Linear stores
 # (out, in). So the four matrices of each block (attn.c_attn, attn.c_proj, mlp.c_fc,
 # mlp.c_proj) are transposed on the way in. The embeddings are lookups, not Conv1D, and need
@@ -536,24 +563,31 @@ def read_safetensors(path):
     """A .safetensors file -> {name: tensor}. The tensors are views of a memory map of the
     file: nothing is read from disk until a tensor is used."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size))
+            header = json.loads(f.read(header_size)) if 8 + header_size <= size else None
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: writable, never written back
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise GPTError(f"cannot read {str(path)!r} as a safetensors file ({e})".splitlines()[0]) from None
+    require(isinstance(header, dict), f"{path} is not a safetensors file: it does not start with a JSON header")
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        require(info.get("dtype") in SAFETENSORS_DTYPES,
-                f"{path}: tensor {name} has dtype {info.get('dtype')}; gpt.py reads {', '.join(SAFETENSORS_DTYPES)}")
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        require(8 + header_size + end <= len(buffer), f"{path} is truncated: tensor {name} ends past the end of the file")
-        count = (end - begin) // dtype.itemsize
-        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=8 + header_size + begin)
-        tensors[name] = flat.view(info["shape"])
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype") if isinstance(info, dict) else None)
+        require(dtype is not None, f"{path}: tensor {name} has dtype {info.get('dtype') if isinstance(info, dict) else info!r}; "
+                f"gpt.py reads {', '.join(SAFETENSORS_DTYPES)}")
+        try:
+            shape, (begin, end) = list(info["shape"]), info["data_offsets"]
+            count = math.prod(shape)
+        except (KeyError, TypeError, ValueError):
+            raise GPTError(f"{path}: tensor {name} has no valid shape and data_offsets") from None
+        require(0 <= begin <= end and end - begin == count * dtype.itemsize and 8 + header_size + end <= size,
+                f"{path}: the bytes of tensor {name} do not fit its shape {shape} or the file (truncated?)")
+        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=8 + header_size + begin) if count else \
+            torch.empty(0, dtype=dtype)  # (count,)
+        tensors[name] = flat.view(shape)  # (count,) -> shape
     return tensors
 
 
@@ -601,8 +635,11 @@ def read_gpt2_weights(name_or_path):
     else:  # a bare .safetensors: read the shape off the tensors; every GPT-2 size has 64-wide heads
         require("wte.weight" in tensors and "wpe.weight" in tensors, f"{weights_path} holds no GPT-2 embeddings (wte, wpe)")
         (vocab_size, n_embd), block_size = tensors["wte.weight"].shape, tensors["wpe.weight"].shape[0]
+        require(n_embd % 64 == 0, f"{weights_path}: width {n_embd} is not a multiple of GPT-2's 64-wide heads; "
+                f"put its config.json beside it")
         n_layer = len({name.split(".")[1] for name in tensors if name.startswith("h.")})
-        config = GPTConfig(vocab_size, block_size, n_layer, max(1, n_embd // 64), n_embd)
+        config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_embd // 64,
+                           n_embd=n_embd)
 
     with torch.device("meta"):  # the expected names and shapes, without allocating any memory
         expected = GPT(config).state_dict()
@@ -648,25 +685,31 @@ def download(url, target):
     """Download url to target with progress on stderr. The bytes go to target.part first, which
     an interrupted download resumes from (an HTTP Range request); target appears only once complete."""
     part = target.with_name(target.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            if response.status != 206:  # the server sent the whole file: start from its first byte
-                have = 0
-            total = have + int(response.headers.get("Content-Length", 0))
-            with open(part, "ab" if have else "wb") as f:
-                last_report = 0.0
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    have += len(chunk)
-                    if time.time() - last_report > 1 or have == total:
-                        log(f"downloading {target.name}: {have / 1e6:,.0f} of {total / 1e6:,.0f} MB", end="\r")
-                        last_report = time.time()
-        log("")
-    except (OSError, ValueError) as e:  # urllib's errors are OSErrors
-        raise GPTError(f"could not download {url} ({e}); rerun to resume it, or give --init-from a local "
-                       f"folder holding config.json and model.safetensors".splitlines()[0]) from None
+    for attempt in range(2):
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if response.status != 206:  # the server sent the whole file: start from its first byte
+                    have = 0
+                total = have + int(response.headers.get("Content-Length", 0))
+                with open(part, "ab" if have else "wb") as f:
+                    last_report = 0.0
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        have += len(chunk)
+                        if time.time() - last_report > 1 or have == total:
+                            log(f"downloading {target.name}: {have / 1e6:,.0f} of {total / 1e6:,.0f} MB")
+                            last_report = time.time()
+            break
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and attempt == 0:  # "range not satisfiable": the part is complete or stale
+                part.unlink()
+                continue
+            raise GPTError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
+        except (OSError, ValueError, http.client.HTTPException) as e:  # no network, a dropped connection
+            raise GPTError(f"could not download {url} ({type(e).__name__}: {e}); rerun to resume it, or give "
+                           f"--init-from a local folder holding config.json and model.safetensors".splitlines()[0]) from None
     require(total == 0 or have == total, f"download of {url} stopped at {have} of {total} bytes; rerun to resume it")
     os.replace(part, target)
 
@@ -686,11 +729,6 @@ def download(url, target):
 #   MPS:  float32. We have not measured half precision on Apple GPUs.
 # ----------------------------------------------------------------------------------------------
 
-def log(message, end="\n"):
-    """Progress and diagnostics go to stderr; stdout carries only sampled text."""
-    print(message, file=sys.stderr, end=end, flush=True)
-
-
 def pick_device(name):
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
@@ -706,13 +744,18 @@ def cpu_has_native_bfloat16():
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
 
 
 def pick_dtype(name, device):
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":  # native bfloat16 only: older GPUs would emulate it, slowly
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         if device.type == "cpu" and cpu_has_native_bfloat16():
             return torch.bfloat16
         return torch.float32
@@ -725,6 +768,14 @@ def autocast(device, dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device):
+    """Wait for the GPU to finish what it was given: timings need it (on a CPU, work is never queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,8 +819,9 @@ def save_checkpoint(checkpoint, path, also=None):
                 os.link(tmp, second)
             except OSError:  # a file system without hard links: a second copy
                 shutil.copyfile(tmp, second)
-            os.replace(second, also)
         os.replace(tmp, path)
+        if also is not None:  # after path: a kill in between leaves `also` older, never newer, than path
+            os.replace(second, also)
     except BaseException as e:
         for leftover in path.parent.glob(f".*.{os.getpid()}.tmp"):
             leftover.unlink(missing_ok=True)
@@ -836,6 +888,9 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
 # loss is best (ckpt.pt) and the latest state (last.pt), from which --resume continues.
 # ----------------------------------------------------------------------------------------------
 
+LOG_EVERY_SECONDS = 3  # a long run is never silent for longer
+
+
 @dataclass
 class TrainConfig:
     data: str = option("input.txt", "UTF-8 text file to train on")
@@ -845,7 +900,7 @@ class TrainConfig:
     init_from: str = option(None, "start from GPT-2's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
                             "local folder or .safetensors file (the shape comes from it)", default_text="a new model")
     resume: bool = option(False, "continue the run saved in --out-dir, from last.pt; flags you give override its settings")
-    device: str = option("auto", "where to train; auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    device: str = option("auto", "where to train; auto picks cuda, then mps, then cpu", choices=DEVICES)
     dtype: str = option("auto", "number format of the matmuls (see section 6 of gpt.py)", choices=("auto", *DTYPES))
     compile: bool = option(False, "torch.compile the model (slow to start; pays on GPUs, not on CPUs)")
     seed: int = option(1337, "seed for the weights, the batches and dropout")
@@ -860,11 +915,11 @@ class TrainConfig:
     max_iters: int = option(5000, "optimizer steps to train for (5k steps: a usable model)")
     lr: float = option(1e-3, "peak learning rate, reached after the warm-up")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay (Chinchilla: lr / 10)")
-    warmup_iters: int = option(100, "steps of linear warm-up from 0 to --lr")
+    warmup_iters: int = option(100, "steps of linear warm-up to --lr")
     lr_decay_iters: int = option(None, "step at which the cosine decay reaches --min-lr", default_text="--max-iters")
-    weight_decay: float = option(0.1, "AdamW weight decay, applied to weight matrices only")
+    weight_decay: float = option(0.1, "AdamW weight decay, applied to weight matrices only (GPT-3: 0.1)")
     beta2: float = option(0.99, "AdamW beta2; 0.99 suits small batches (GPT-3 used 0.95 at 0.5M tokens a step)")
-    grad_clip: float = option(1.0, "clip the gradient's global norm to this")
+    grad_clip: float = option(1.0, "clip the gradient's global norm to this (GPT-3: 1.0)")
     eval_interval: int = option(500, "evaluate (and save) every this many steps")
     eval_iters: int = option(40, "batches averaged for each evaluation of the train and val loss")
     peak_flops: float = option(None, "peak FLOP/s for the MFU figure",
@@ -891,13 +946,10 @@ class TrainConfig:
                     f"({self.n_head}): each head gets n_embd // n_head channels")
 
 
-def flag(name):
-    return name.replace("_", "-")
-
-
 def learning_rate(step, cfg):
-    """Linear warm-up (big early updates would wreck the random initial weights), then a cosine
-    decay to min_lr (GPT-3, section B; Chinchilla: decay to lr / 10)."""
+    """Linear warm-up (big early updates would wreck the random initial weights): step s of the
+    warm-up uses lr * (s + 1) / warmup_iters. Then a cosine decay to min_lr (GPT-3, appendix B;
+    Chinchilla: decay to lr / 10)."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
@@ -907,7 +959,7 @@ def learning_rate(step, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model, cfg, device):
+def make_optimizer(model, cfg):
     """AdamW. Weight decay pulls weights towards zero; it applies to the matrices (the Linear
     and Embedding weights), not to biases and LayerNorm gains, whose size has no reason to be
     small. beta1 0.9 as in GPT-3. The fused kernel does the whole update in one pass."""
@@ -920,13 +972,13 @@ def make_optimizer(model, cfg, device):
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
 
 
-def train_step(model, params, optimizer, scaler, next_batch, grad_accum, context, grad_clip):
+def train_step(model, params, optimizer, scaler, next_batch, grad_accum, autocast_ctx, grad_clip):
     """One optimizer step over grad_accum micro-batches -> the mean loss, as a tensor: reading
     its value would make the CPU wait for the GPU, so the loop does that only when it logs."""
     total = torch.zeros((), device=params[0].device)
     for _ in range(grad_accum):
         x, y = next_batch()
-        with context:
+        with autocast_ctx:
             _, loss = model(x, y)
         scaler.scale(loss / grad_accum).backward()  # gradients add up over the micro-batches
         total += loss.detach()
@@ -939,7 +991,7 @@ def train_step(model, params, optimizer, scaler, next_batch, grad_accum, context
 
 
 @torch.no_grad()
-def estimate_loss(model, data, cfg, block_size, device, context, seed, split):
+def estimate_loss(model, data, cfg, block_size, device, autocast_ctx, seed, split):
     """Mean loss over eval_iters batches. The batches come from their own generator, seeded the
     same way each time: evaluations are comparable and never disturb the training batches."""
     model.eval()  # turns dropout off
@@ -948,27 +1000,27 @@ def estimate_loss(model, data, cfg, block_size, device, context, seed, split):
     last_report = time.perf_counter()
     for i in range(cfg.eval_iters):
         x, y = get_batch(data, block_size, cfg.batch_size, generator)
-        with context:
+        with autocast_ctx:
             _, loss = model(x.to(device), y.to(device))
         total += loss
-        if time.perf_counter() - last_report > 3:  # a long evaluation is never silent
+        if time.perf_counter() - last_report > LOG_EVERY_SECONDS:  # a long evaluation is never silent
             log(f"evaluating the {split} loss: batch {i + 1}/{cfg.eval_iters}")
             last_report = time.perf_counter()
     model.train()
     return (total / cfg.eval_iters).item()
 
 
-def peak_flops(device, dtype):
+def measure_peak_flops(device, dtype):
     """The FLOP/s the hardware could reach in dtype, for the MFU (model FLOPs utilisation)
-    figure. On a GPU, the card's published dense peak; elsewhere (and for an unlisted card) a
-    probe: the best of a few large matmuls, which is what the training step mostly does."""
-    if device.type == "cuda":
+    figure. On a listed GPU in 16 bits, the card's published dense peak; otherwise a probe: the
+    best of a few large matmuls, which is what a training step mostly does."""
+    if device.type == "cuda" and dtype != torch.float32:
         name = torch.cuda.get_device_name(device)
-        bf16_peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-                      "A10G": 70e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor cores
-        for card, peak in bf16_peaks.items():
-            if card in name:
-                return peak if dtype != torch.float32 else peak / 2  # float32 matmuls run as TF32
+        published = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+                     ("L4", 121e12), ("V100", 125e12), ("T4", 65e12))  # dense bf16/fp16 tensor-core FLOP/s
+        for card, peak in published:
+            if card in name and not (card == "L4" and "L40" in name):
+                return peak
     n = 1024
     generator = torch.Generator().manual_seed(0)  # its own: the probe must not move the training's random state
     a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
@@ -977,8 +1029,7 @@ def peak_flops(device, dtype):
         start = time.perf_counter()
         for _ in range(4):
             a @ b
-        if device.type != "cpu":
-            torch.cuda.synchronize() if device.type == "cuda" else torch.mps.synchronize()
+        synchronize(device)
         best = min(best, (time.perf_counter() - start) / 4)
     return 2 * n**3 / best
 
@@ -1013,17 +1064,19 @@ def ctrl_c_finishes_the_step():
             signal.signal(s, handler_before)
 
 
-def resumed_config(given):
-    """--resume: the settings saved in the run's checkpoint, overridden by the flags given now."""
-    checkpoint = load_checkpoint(resume_path(Path(given.get("out_dir", TrainConfig.out_dir))))
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {k: v for k, v in checkpoint.get("train_args", {}).items() if k in fields}
-    return TrainConfig(**{**saved, **given})
-
-
 def resume_path(out_dir):
     """--resume continues from last.pt, the latest state; ckpt.pt if a run left only that."""
     return out_dir / "last.pt" if (out_dir / "last.pt").exists() else out_dir / "ckpt.pt"
+
+
+def resumed_config(given):
+    """--resume: the settings saved in the run's checkpoint, overridden by the flags given now.
+    -> (TrainConfig, the checkpoint)."""
+    require("init_from" not in given, "--resume continues a run; it cannot also start from --init-from")
+    checkpoint = load_checkpoint(resume_path(Path(given.get("out_dir", TrainConfig.out_dir))))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = {k: v for k, v in checkpoint.get("train_args", {}).items() if k in fields}
+    return TrainConfig(**{**saved, **given}), checkpoint
 
 
 def check_writable(out_dir):
@@ -1036,15 +1089,16 @@ def check_writable(out_dir):
         raise GPTError(f"cannot write to --out-dir {str(out_dir)!r}: {e.strerror or e}") from None
 
 
-def train(cfg):
-    """Train as cfg says. -> {"step", "best_val_loss", "history", "interrupted"}."""
+def train(cfg, resume_checkpoint=None):
+    """Train as cfg says; with cfg.resume, continue from resume_checkpoint (read from
+    cfg.out_dir if not given). -> {"step", "best_val_loss", "history", "interrupted"}."""
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     out_dir = Path(cfg.out_dir)
     text = read_text(cfg.data)
 
     # Everything that can be wrong with the input is checked before anything is written.
-    resume = load_checkpoint(resume_path(out_dir)) if cfg.resume else None
+    resume = (resume_checkpoint or load_checkpoint(resume_path(out_dir))) if cfg.resume else None
     model = None
     if resume is None:
         for name in ("ckpt.pt", "last.pt"):
@@ -1061,26 +1115,29 @@ def train(cfg):
         source = f"--init-from {cfg.init_from}"
     else:
         tokenizer = CharTokenizer.from_text(text) if cfg.tokenizer in (None, "char") else BPETokenizer()
-        config = GPTConfig(tokenizer.vocab_size, cfg.block_size or GPTConfig.block_size, cfg.n_layer or GPTConfig.n_layer,
-                           cfg.n_head or GPTConfig.n_head, cfg.n_embd or GPTConfig.n_embd, cfg.dropout)
+        config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size or GPTConfig.block_size,
+                           n_layer=cfg.n_layer or GPTConfig.n_layer, n_head=cfg.n_head or GPTConfig.n_head,
+                           n_embd=cfg.n_embd or GPTConfig.n_embd, dropout=cfg.dropout)
         source = None
     if source is not None:  # the shape comes from the checkpoint: a flag may only repeat it
         given = {"tokenizer": cfg.tokenizer, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
                  "block_size": cfg.block_size}
-        ours = {"tokenizer": tokenizer.kind, **{k: getattr(config, k) for k in given if k != "tokenizer"}}
+        from_source = {"tokenizer": tokenizer.kind, **{k: getattr(config, k) for k in given if k != "tokenizer"}}
         for name, value in given.items():
-            if value is not None and value != ours[name]:
-                raise GPTError(f"--{flag(name)} {value} does not match {source}, which has {name} {ours[name]}")
+            if value is not None and value != from_source[name]:
+                raise GPTError(f"--{flag(name)} {value} does not match {source}, which has {name} {from_source[name]}")
+    require(tokenizer.vocab_size == config.vocab_size, f"{source}: the model has {config.vocab_size} tokens, but "
+            f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size}")
     cfg = dataclasses.replace(cfg, tokenizer=tokenizer.kind, n_layer=config.n_layer, n_head=config.n_head,
                               n_embd=config.n_embd, block_size=config.block_size)
     train_data, val_data = split_data(tokenizer.encode(text), config.block_size)
     check_writable(out_dir)
 
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    random.seed(cfg.seed)  # nothing here draws from Python's random; a reader's additions might
     model = (model or GPT(config)).to(device)
     params = list(model.parameters())
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batches = torch.Generator().manual_seed(cfg.seed)
     step, best_val, history = 0, float("inf"), []
@@ -1094,19 +1151,19 @@ def train(cfg):
         torch.set_rng_state(rng["torch"])
         batches.set_state(rng["batches"])
         random.setstate(rng["python"])
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
-    forward = torch.compile(model) if cfg.compile else model
-    context = autocast(device, dtype)
+        if device.type in rng:  # dropout's random state on the GPU
+            (torch.cuda if device.type == "cuda" else torch.mps).set_rng_state(rng[device.type])
+    compiled = torch.compile(model) if cfg.compile else model  # the same model, unless --compile
+    autocast_ctx = autocast(device, dtype)
 
     def next_batch():
         x, y = get_batch(train_data, config.block_size, cfg.batch_size, batches)
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-    def checkpoint(loss):
+    def make_checkpoint(loss):
         rng = {"torch": torch.get_rng_state(), "batches": batches.get_state(), "python": random.getstate()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
+        if device.type in ("cuda", "mps"):
+            rng[device.type] = (torch.cuda if device.type == "cuda" else torch.mps).get_rng_state()
         state = {"format": CHECKPOINT_FORMAT, "model_state": model.state_dict(), "config": dataclasses.asdict(config),
                  "tokenizer": tokenizer.to_dict(), "step": step, "loss": loss, "best_val_loss": best_val,
                  "history": history, "optimizer_state": optimizer.state_dict(), "train_args": dataclasses.asdict(cfg),
@@ -1117,15 +1174,15 @@ def train(cfg):
 
     tokens_per_step = cfg.batch_size * config.block_size * cfg.grad_accum
     flops_per_step = model.flops_per_token() * tokens_per_step
-    peak = cfg.peak_flops or peak_flops(device, dtype)
+    peak, probed = cfg.peak_flops or measure_peak_flops(device, dtype), time.perf_counter()
     log(f"model: {model.num_parameters():,} parameters, {config.n_layer} layers x {config.n_head} heads x "
         f"{config.n_embd} wide, context {config.block_size}, {tokenizer.kind} tokenizer ({config.vocab_size} tokens)")
     log(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens from {cfg.data}")
-    log(f"device: {device.type}, {str(dtype).removeprefix('torch.')}, {tokens_per_step:,} tokens per step, "
+    log(f"device: {device.type}, {dtype_name(dtype)}, {tokens_per_step:,} tokens per step, "
         f"peak {peak / 1e9:,.0f} GFLOP/s" + (f"; resuming at step {step}" if resume is not None else ""))
 
     first_bad_step = torch.full((), -1, device=device)  # set on the device, read only when we log
-    loss = torch.full((), float("nan"))  # the last step's training loss: none yet
+    loss = torch.tensor(resume["loss"] if resume is not None else float("nan"))  # the last step's training loss
 
     def check_finite():
         bad = int(first_bad_step)
@@ -1134,22 +1191,26 @@ def train(cfg):
             raise GPTError(f"training diverged: the loss became NaN or infinite at step {bad} (last good val loss "
                            f"{last_good}); {out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
 
+    def evaluated_at(step):  # a resumed run may start where the last one evaluated
+        return bool(history) and history[-1]["step"] == step
+
     def evaluate_and_save():
         nonlocal best_val
         check_finite()
         start = time.perf_counter()
         losses = {"step": step}
+        # Seeds of their own (seed + 1, + 2): the same batches at every evaluation, apart from training's.
         for split, data, seed in (("train", train_data, cfg.seed + 1), ("val", val_data, cfg.seed + 2)):
-            losses[split] = estimate_loss(forward, data, cfg, config.block_size, device, context, seed, split)
+            losses[split] = estimate_loss(compiled, data, cfg, config.block_size, device, autocast_ctx, seed, split)
         require(math.isfinite(losses["val"]), f"training diverged: the val loss is {losses['val']} at step {step}; "
                 f"{out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
         history.append(losses)
         if losses["val"] < best_val:  # the latest state is also the best: one file under two names
             best_val = losses["val"]
-            save_checkpoint(checkpoint(float(loss)), out_dir / "ckpt.pt", also=out_dir / "last.pt")
+            save_checkpoint(make_checkpoint(float(loss)), out_dir / "ckpt.pt", also=out_dir / "last.pt")
             note = ", best so far: saved ckpt.pt"
         else:
-            save_checkpoint(checkpoint(float(loss)), out_dir / "last.pt")
+            save_checkpoint(make_checkpoint(float(loss)), out_dir / "last.pt")
             note = ""
         seconds = time.perf_counter() - start
         log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note} ({seconds:.1f}s)")
@@ -1161,20 +1222,21 @@ def train(cfg):
     last_log_time, last_log_step = started, step
     with ctrl_c_finishes_the_step() as stop_requested:
         while step < cfg.max_iters:
-            if step % cfg.eval_interval == 0 and not (history and history[-1]["step"] == step):
+            if step % cfg.eval_interval == 0 and not evaluated_at(step):
                 eval_seconds = evaluate_and_save()
-                if cfg.peak_flops is None:  # the machine may be shared: keep the best probe seen
-                    peak = max(peak, peak_flops(device, dtype))
+                if cfg.peak_flops is None and time.perf_counter() - probed > 300:
+                    peak, probed = max(peak, measure_peak_flops(device, dtype)), time.perf_counter()  # keep the best seen
                 last_log_time, last_log_step = time.perf_counter(), step
             lr = learning_rate(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_step(forward, params, optimizer, scaler, next_batch, cfg.grad_accum, context, cfg.grad_clip)
+            loss = train_step(compiled, params, optimizer, scaler, next_batch, cfg.grad_accum, autocast_ctx,
+                              cfg.grad_clip)
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
             step += 1
 
             now = time.perf_counter()
-            if now - last_log_time >= 3 or timed_steps == 0 or step == cfg.max_iters or stop_requested:
+            if now - last_log_time >= LOG_EVERY_SECONDS or timed_steps == 0 or step == cfg.max_iters or stop_requested:
                 check_finite()
                 train_seconds, timed_steps = train_seconds + now - last_log_time, timed_steps + step - last_log_step
                 dt = (now - last_log_time) / (step - last_log_step)
@@ -1184,11 +1246,11 @@ def train(cfg):
                     f"{tokens_per_step / dt:,.0f} tok/s | MFU {flops_per_step / dt / peak:.0%} | ETA {duration(eta)}")
                 last_log_time, last_log_step = now, step
             if stop_requested:
-                save_checkpoint(checkpoint(float(loss)), out_dir / "last.pt")
+                save_checkpoint(make_checkpoint(float(loss)), out_dir / "last.pt")
                 log(f"stopped at step {step}; saved {out_dir / 'last.pt'}. Continue with: "
                     f"python gpt.py train --resume --out-dir {out_dir}")
                 return {"step": step, "best_val_loss": best_val, "history": history, "interrupted": True}
-        if not (history and history[-1]["step"] == step):
+        if not evaluated_at(step):
             evaluate_and_save()
     log(f"done: {step} steps in {duration(time.perf_counter() - started)}; best val loss {best_val:.4f}, "
         f"saved in {out_dir / 'ckpt.pt'}; sample with: python gpt.py sample --out-dir {out_dir}")
@@ -1211,13 +1273,13 @@ def train(cfg):
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> the next token ids (B, 1), on the CPU."""
-    logits = logits.float().cpu()  # (B, V)
+    logits = logits.float().cpu()  # (B, V) -> (B, V) in float32 on the CPU
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits / temperature
+    logits = logits / temperature  # (B, V)
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))  # (B, V)
     probs = F.softmax(logits, dim=-1)  # (B, V)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
@@ -1232,21 +1294,22 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     return next_ids
 
 
-def check_sampling_settings(temperature, top_k, top_p):
-    require(temperature >= 0, f"temperature must be 0 or more (0 means greedy), got {temperature}")
-    require(top_k is None or top_k >= 1, f"top-k must be 1 or more, got {top_k}")
-    require(top_p is None or 0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}")
+def check_sampling_settings(temperature, top_k, top_p, prefix=""):
+    """prefix: "--" when the values came from command-line flags."""
+    require(temperature >= 0, f"{prefix}temperature must be 0 or more (0 means greedy), got {temperature}")
+    require(top_k is None or top_k >= 1, f"{prefix}top-k must be 1 or more, got {top_k}")
+    require(top_p is None or 0 < top_p <= 1, f"{prefix}top-p must be in (0, 1], got {top_p}")
 
 
 @contextlib.contextmanager
-def vector_products_in_pytorch(enabled):
+def onednn_off(when):
     """One new token makes every matmul a vector-matrix product. PyTorch hands bfloat16 matmuls
-    on a CPU to oneDNN, whose setup per call costs more than the product itself when the
-    input is one row; PyTorch's own kernel is faster there: the 24 vector-matrix products of
-    the default model took 1.2 ms through oneDNN and 0.5 ms without it (README.md's machine).
-    For matrix-matrix products (reading a prompt, training) oneDNN is the fast one."""
+    on a CPU to oneDNN, whose setup per call costs more than the product itself when the input
+    is one row; PyTorch's own kernel is faster there: the 24 vector-matrix products of the
+    default model took 1.2 ms through oneDNN and 0.5 ms without it. For matrix-matrix products
+    (reading a prompt, training) oneDNN is the fast one."""
     previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = previous and not enabled
+    torch.backends.mkldnn.enabled = previous and not when
     try:
         yield
     finally:
@@ -1265,24 +1328,25 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     keeps the newest half of the context: those block_size // 2 tokens are computed again in
     one pass (at positions 0, 1, ...), and the cache grows from there. Past block_size the
     cached model so sees between block_size / 2 and block_size tokens of context, where the
-    uncached one always sees block_size; both stay correct GPT computations.
+    uncached one always sees block_size; both stay correct GPT computations. Why half: keeping
+    more would refill more often, keeping less would forget more; half costs one extra pass
+    over block_size / 2 tokens every block_size / 2 new tokens.
     """
     check_sampling_settings(temperature, top_k, top_p)
     model.eval()
     block_size, device = model.config.block_size, idx.device
     context = idx[:, -block_size:]  # (B, T) the tokens the model can see
-    cache, pending = None, context  # pending: tokens that are not in the cache yet
+    cache, pending = KVCache(model.config, idx.size(0)), context  # pending: tokens not in the cache yet
     for _ in range(max_new_tokens):
         if not kv_cache:
             logits, _ = model(context)  # (B, T, V): the whole context, every time
         else:
-            if cache is None or cache.length + pending.size(1) > block_size:  # first token, or the cache is full
-                if cache is not None:
-                    pending = context[:, -(block_size // 2):]  # (B, block_size // 2)
-                cache = KVCache(model.config, idx.size(0))
-            with vector_products_in_pytorch(pending.size(1) == 1 and device.type == "cpu"):
+            if cache.length + pending.size(1) > block_size:  # the cache is full: refill it with the newest half
+                pending = context[:, -max(1, block_size // 2):]  # (B, block_size // 2)
+                cache.length = 0
+            with onednn_off(when=pending.size(1) == 1 and device.type == "cpu"):
                 logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V): only the new positions
-        next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, V) -> (B, 1)
         yield next_id
         pending = next_id.to(device)
         context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, T + 1), cropped to block_size
@@ -1299,7 +1363,7 @@ class SampleConfig:
     out_dir: str = option("out", "folder whose ckpt.pt to sample from")
     init_from: str = option(None, "sample from GPT-2's weights instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
                             "or a local folder or .safetensors file", default_text="the checkpoint in --out-dir")
-    device: str = option("auto", "where to run; auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    device: str = option("auto", "where to run; auto picks cuda, then mps, then cpu", choices=DEVICES)
     dtype: str = option("auto", "number format of the weights while sampling", choices=("auto", *DTYPES))
     prompt: str = option("", "text to continue; empty starts a new text")
     max_new_tokens: int = option(500, "how many tokens to write")
@@ -1314,9 +1378,7 @@ class SampleConfig:
     def __post_init__(self):
         require(self.max_new_tokens >= 0, f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}")
         require(self.num_samples >= 1, f"--num-samples must be 1 or more, got {self.num_samples}")
-        require(self.temperature >= 0, f"--temperature must be 0 or more (0 means greedy), got {self.temperature}")
-        require(self.top_k is None or self.top_k >= 1, f"--top-k must be 1 or more, got {self.top_k}")
-        require(self.top_p is None or 0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        check_sampling_settings(self.temperature, self.top_k, self.top_p, prefix="--")
 
 
 def sample(cfg, out=None):
@@ -1326,6 +1388,8 @@ def sample(cfg, out=None):
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.init_from is not None:
         model, tokenizer = GPT.from_pretrained(cfg.init_from), BPETokenizer()
+        require(model.config.vocab_size == tokenizer.vocab_size, f"--init-from {cfg.init_from}: the model has "
+                f"{model.config.vocab_size} tokens, but GPT-2's BPE has {tokenizer.vocab_size}")
     else:
         path = Path(cfg.out_dir) / "ckpt.pt"
         model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
@@ -1350,7 +1414,7 @@ def sample(cfg, out=None):
         out.flush()
     seconds = time.perf_counter() - start
     log(f"{count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):,.1f} tokens/s "
-        f"({device.type}, {str(dtype).removeprefix('torch.')}, {'no ' if cfg.no_kv_cache else ''}KV cache)")
+        f"({device.type}, {dtype_name(dtype)}, {'no ' if cfg.no_kv_cache else ''}KV cache)")
     return count
 
 
@@ -1364,7 +1428,7 @@ def sample(cfg, out=None):
 
 @dataclass
 class BenchConfig:
-    device: str = option("auto", "where to run; auto picks cuda, then mps, then cpu", choices=("auto", "cpu", "cuda", "mps"))
+    device: str = option("auto", "where to run; auto picks cuda, then mps, then cpu", choices=DEVICES)
     steps: int = option(10, "timed training steps per round")
     rounds: int = option(3, "rounds; each times every variant once, in turn; the tables show medians")
     sample_tokens: int = option(1000, "tokens to sample from a one-token prompt")
@@ -1372,13 +1436,6 @@ class BenchConfig:
     def __post_init__(self):
         for name in ("steps", "rounds", "sample_tokens"):
             require(getattr(self, name) > 0, f"--{flag(name)} must be a positive whole number, got {getattr(self, name)}")
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def median(values):
@@ -1389,18 +1446,19 @@ def bench(cfg, out=None):
     out = out or sys.stdout
     device = pick_device(cfg.device)
     dtypes = list(dict.fromkeys([torch.float32, pick_dtype("auto", device)]))  # float32 first; once if auto is float32
-    name = lambda dtype: str(dtype).removeprefix("torch.")
+    auto = dtypes[-1]
     config, train_cfg = GPTConfig(), TrainConfig()
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    peaks = {dtype: peak_flops(device, dtype) for dtype in dtypes}
+    peaks = {dtype: measure_peak_flops(device, dtype) for dtype in dtypes}
     threads = f", {torch.get_num_threads()} threads, native bfloat16: {'yes' if cpu_has_native_bfloat16() else 'no'}"
     out.write(f"torch {torch.__version__} on {device.type}{threads if device.type == 'cpu' else ''}\n")
     out.write(f"model: the default GPTConfig, {model.num_parameters():,} parameters, batch {train_cfg.batch_size}, "
               f"context {config.block_size}\n")
-    out.write("matmul peak: " + ", ".join(f"{name(d)} {p / 1e9:,.0f} GFLOP/s" for d, p in peaks.items()) + "\n\n")
+    out.write("matmul peak: " + ", ".join(f"{dtype_name(d)} {p / 1e9:,.0f} GFLOP/s" for d, p in peaks.items()) + "\n\n")
 
-    optimizer = make_optimizer(model, train_cfg, device)
+    # Training: float32 and the auto format in turn, so that both see the same machine.
+    optimizer = make_optimizer(model, train_cfg)
     params = list(model.parameters())
     data = torch.randint(config.vocab_size, (100_000,), generator=torch.Generator().manual_seed(0))
     batches = torch.Generator().manual_seed(0)
@@ -1409,55 +1467,61 @@ def bench(cfg, out=None):
         x, y = get_batch(data, config.block_size, train_cfg.batch_size, batches)
         return x.to(device), y.to(device)
 
+    def one_step(dtype):
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        return train_step(model, params, optimizer, scaler, next_batch, 1, autocast(device, dtype), 1.0)
+
     seconds = {dtype: [] for dtype in dtypes}
     for round_ in range(cfg.rounds):
         for dtype in dtypes:
-            scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-            step = lambda: train_step(model, params, optimizer, scaler, next_batch, 1, autocast(device, dtype), 1.0)
-            step()  # warm-up: allocations, autocast's casts
+            one_step(dtype)  # warm-up: allocations, autocast's casts
             synchronize(device)
             start = time.perf_counter()
             for _ in range(cfg.steps):
-                loss = step()
-            float(loss)
+                loss = one_step(dtype)
+            float(loss)  # waits for the GPU
             seconds[dtype].append((time.perf_counter() - start) / cfg.steps)
         log(f"training round {round_ + 1}/{cfg.rounds}: " +
-            ", ".join(f"{name(d)} {s[-1] * 1000:.0f} ms/step" for d, s in seconds.items()))
-    tokens, flops = train_cfg.batch_size * config.block_size, model.flops_per_token() * train_cfg.batch_size * config.block_size
+            ", ".join(f"{dtype_name(d)} {s[-1] * 1000:.0f} ms/step" for d, s in seconds.items()))
+    tokens_per_step = train_cfg.batch_size * config.block_size
+    flops_per_step = model.flops_per_token() * tokens_per_step
+    top = peaks[auto]
     out.write(f"training ({cfg.rounds} alternating rounds of {cfg.steps} steps, medians)\n")
-    out.write("| number format | ms/step | tokens/s | MFU vs its own peak | MFU vs bfloat16 peak |\n|---|---|---|---|---|\n")
+    out.write(f"| number format | ms/step | tokens/s | MFU vs its own peak | MFU vs the {dtype_name(auto)} peak |\n"
+              f"|---|---|---|---|---|\n")
     for dtype, s in seconds.items():
-        top = peaks.get(torch.bfloat16, peaks[dtype])
-        out.write(f"| {name(dtype)}{' (auto)' if dtype == dtypes[-1] else ''} | {median(s) * 1000:.0f} | "
-                  f"{tokens / median(s):,.0f} | {flops / median(s) / peaks[dtype]:.0%} | {flops / median(s) / top:.0%} |\n")
+        out.write(f"| {dtype_name(dtype)}{' (auto)' if dtype == auto else ''} | {median(s) * 1000:.0f} | "
+                  f"{tokens_per_step / median(s):,.0f} | {flops_per_step / median(s) / peaks[dtype]:.0%} | "
+                  f"{flops_per_step / median(s) / top:.0%} |\n")
     if len(dtypes) > 1:
-        ratios = [a / b for a, b in zip(seconds[dtypes[0]], seconds[dtypes[-1]])]
-        out.write(f"speed-up of {name(dtypes[-1])} over float32: {median(ratios):.2f}x (median of the rounds' ratios)\n")
+        ratios = [a / b for a, b in zip(seconds[torch.float32], seconds[auto])]
+        out.write(f"speed-up of {dtype_name(auto)} over float32: {median(ratios):.2f}x (median of the rounds' ratios)\n")
 
-    # Sampling: every variant once per round, in turn, so that all of them see the same machine.
-    n = cfg.sample_tokens
-    variants = [(dtype, tokens, kv_cache) for dtype in dtypes
-                for tokens, kv_cache in ((255, True), (n, True), (n, False))]
+    # Sampling: every variant once per round, in turn. The short run is the longest one from a
+    # one-token prompt that never refills the cache (block_size - 1 new tokens).
+    short, n = config.block_size - 1, cfg.sample_tokens
+    runs = ((short, True), (n, True), (n, False))  # (new tokens, KV cache)
+    speed = {(dtype, tokens, kv_cache): [] for dtype in dtypes for tokens, kv_cache in runs}
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-    speed = {variant: [] for variant in variants}
     for round_ in range(cfg.rounds):
-        for dtype, tokens, kv_cache in variants:
+        for dtype, tokens, kv_cache in speed:
             model.to(dtype)
             generate(model, prompt, 8, kv_cache=kv_cache)  # warm-up
             start = time.perf_counter()
             generate(model, prompt, tokens, kv_cache=kv_cache, generator=torch.Generator().manual_seed(0))
             speed[dtype, tokens, kv_cache].append(tokens / (time.perf_counter() - start))
         log(f"sampling round {round_ + 1}/{cfg.rounds}: " + ", ".join(
-            f"{name(d)} {t}{'' if kv else ' uncached'} {s[-1]:,.0f}" for (d, t, kv), s in speed.items()) + " tokens/s")
+            f"{dtype_name(d)} {t}{'' if kv else ' uncached'} {s[-1]:,.0f}" for (d, t, kv), s in speed.items()) +
+            " tokens/s")
     out.write(f"\nsampling one sequence from a one-token prompt, tokens/s ({cfg.rounds} rounds, medians; "
-              f"`sample` uses {name(dtypes[-1])} weights)\n| weights | KV cache, 255 tokens | KV cache, {n} tokens | "
-              f"no cache, {n} tokens |\n|---|---|---|---|\n")
+              f"`sample` uses {dtype_name(auto)} weights)\n| weights | KV cache, {short} tokens | KV cache, {n} tokens "
+              f"| no cache, {n} tokens |\n|---|---|---|---|\n")
     for dtype in dtypes:
-        cells = [speed.get((dtype, tokens, kv)) for tokens, kv in ((255, True), (n, True), (n, False))]
-        out.write(f"| {name(dtype)} | " + " | ".join(f"{median(c):,.0f}" if c else "-" for c in cells) + " |\n")
-    best_uncached = max(median(s) for (d, t, kv), s in speed.items() if not kv)
-    out.write(f"KV cache ({name(dtypes[-1])}) over the fastest recomputation, at {n} tokens: "
-              f"{median(speed[dtypes[-1], n, True]) / best_uncached:.1f}x\n")
+        out.write(f"| {dtype_name(dtype)} | " + " | ".join(f"{median(speed[dtype, t, kv]):,.0f}" for t, kv in runs) +
+                  " |\n")
+    best_uncached = max(median(speed[dtype, n, False]) for dtype in dtypes)
+    out.write(f"KV cache ({dtype_name(auto)}) over the fastest recomputation, at {n} tokens: "
+              f"{median(speed[auto, n, True]) / best_uncached:.1f}x\n")
     out.flush()
 
 
@@ -1499,8 +1563,8 @@ def main(argv=None):
     given = {k: v for k, v in vars(args).items() if k != "command"}  # only the flags typed: no defaults
     try:
         if args.command == "train":
-            cfg = resumed_config(given) if given.get("resume") else TrainConfig(**given)
-            return 130 if train(cfg)["interrupted"] else 0
+            cfg, checkpoint = resumed_config(given) if given.get("resume") else (TrainConfig(**given), None)
+            return 130 if train(cfg, checkpoint)["interrupted"] else 0
         if args.command == "sample":
             sample(SampleConfig(**given))
         else:
