@@ -1224,7 +1224,7 @@ def train(cfg, resume_checkpoint=None):
         while step < cfg.max_iters:
             if step % cfg.eval_interval == 0 and not evaluated_at(step):
                 eval_seconds = evaluate_and_save()
-                if cfg.peak_flops is None and time.perf_counter() - probed > 300:
+                if cfg.peak_flops is None and time.perf_counter() - probed > 60:
                     peak, probed = max(peak, measure_peak_flops(device, dtype)), time.perf_counter()  # keep the best seen
                 last_log_time, last_log_step = time.perf_counter(), step
             lr = learning_rate(step, cfg)
