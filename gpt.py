@@ -100,7 +100,7 @@ def log(message, end="\n"):
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 65    # how many different tokens: 65 characters in Shakespeare, 50257 for GPT-2's BPE
+    vocab_size: int = 65    # how many different tokens: 65 characters in tinyshakespeare, 50257 in GPT-2's BPE
     block_size: int = 256   # the longest context the model can look at (T <= block_size)
     n_layer: int = 6        # how many transformer blocks are stacked
     n_head: int = 8         # attention heads per block; each looks at hs = n_embd // n_head channels
@@ -128,7 +128,7 @@ class GPTConfig:
 # training loop never know which one they were given.
 #
 # - CharTokenizer: one token per character. The vocabulary is the sorted set of characters of
-#   the training text (65 for Shakespeare). Tiny vocabulary, long sequences.
+#   the training text (76 for input.txt). Tiny vocabulary, long sequences.
 # - BPETokenizer: GPT-2's byte-level byte-pair encoding, through tiktoken. It starts from the
 #   256 byte values (so it can encode *any* string), learned 50,000 merges of frequent pairs,
 #   and adds one special token, <|endoftext|>: 256 + 50,000 + 1 = 50,257 ids. Common words are
@@ -395,7 +395,8 @@ class CausalSelfAttention(nn.Module):
             y = causal_attention_fused(q, k, v, dropout_p)  # (B, nh, T, hs)
         else:
             y = causal_attention_written_out(q, k, v, dropout_p)  # (B, nh, T, hs)
-        y = y.to(x.dtype).transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
+        y = y.to(qkv.dtype)  # back from the cache's float32 when sampling; a no-op otherwise
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
         return F.dropout(y, self.dropout) if self.training else y
 
