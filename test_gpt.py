@@ -464,6 +464,26 @@ def test_kv_cache_generation_equals_full_recomputation(config, data, greedy):
 
 
 @quick
+@given(config=configs(), data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+       written_out=st.booleans())
+def test_the_flat_one_token_step_gives_exactly_the_models_logits_and_cache(config, data, dtype, written_out):
+    model = use_written_out_attention(tiny_model(config, dtype=dtype), written_out)
+    batch, past = data.draw(st.integers(1, 3)), data.draw(st.integers(0, config.block_size - 1))
+    tokens = torch.randint(config.vocab_size, (batch, past + 1))
+    caches = [gpt.KVCache(config, batch) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            if past:
+                model(tokens[:, :past], kv_cache=cache)
+        expected, _ = model(tokens[:, past:], kv_cache=caches[0])  # (B, 1, V)
+        got = gpt.OneTokenStep(model)(tokens[:, past:], caches[1])
+    assert got.shape == (batch, 1, config.vocab_size) and got.dtype == dtype
+    assert torch.equal(got, expected)
+    assert caches[1].length == caches[0].length == past + 1
+    assert all(torch.equal(a, b) for a, b in zip(caches[0].kv, caches[1].kv))
+
+
+@quick
 @given(config=configs(max_block=10), data=st.data())
 def test_past_block_size_the_cache_sees_the_context_the_readme_describes(config, data):
     # Independent of gpt.py's cache: rebuild the context the docs promise (the newest
