@@ -21,7 +21,7 @@ Read it in order:
     6. Devices          CPU / CUDA / Apple MPS, and the number formats (float32, bfloat16)
     7. Checkpoints      one file holds everything needed to sample or to resume training
     8. Training         the loop: AdamW, warm-up + cosine learning rate, evaluation, logging
-    9. Sampling         temperature, top-k, top-p, streamed token by token
+    9. Sampling         temperature, top-k, top-p, a fast one-token step, streamed token by token
    10. Benchmark        how fast this machine trains and samples
    11. Command line     `train`, `sample` and `bench`
 Apart from GPT.from_pretrained, which calls the reader of section 5, nothing is used before it
