@@ -1334,14 +1334,16 @@ class OneTokenStep:
         t = model.transformer
         self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, (t.ln_f.weight, t.ln_f.bias)
         self.head, self.n_head = model.lm_head.weight, model.config.n_head  # head: wte, tied
-        self.layers = [(*[(m.weight, m.bias) for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc,
-                                                       b.mlp.c_proj)], b.attn.written_out) for b in t.h]
+        # Per block: the (weight, bias) of its six layers, in the order the loop uses them, and
+        # which attention to run. (LayerNorm's eps is the default 1e-5, as in Block.)
+        self.layers = [([(m.weight, m.bias) for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc,
+                                                      b.mlp.c_proj)], b.attn.written_out) for b in t.h]
 
     def __call__(self, idx, cache):
         """idx (B, 1), the new token of each row -> logits (B, 1, V); the cache grows by one."""
         B, C, nh = idx.size(0), self.wte.size(1), self.n_head
         x = F.embedding(idx, self.wte) + self.wpe[cache.length]  # (B, 1, C) + (C,): token + position
-        for layer, (ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj, written_out) in enumerate(self.layers):
+        for layer, ((ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj), written_out) in enumerate(self.layers):
             # attention: x = x + attn(ln_1(x)), as in CausalSelfAttention.forward
             qkv = F.linear(F.layer_norm(x, (C,), *ln_1), *c_attn)  # (B, 1, 3C)
             qkv = qkv.view(B, 1, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # (3, B, nh, 1, hs)
