@@ -85,7 +85,7 @@ def require(condition, message):
 
 
 def log(message, end="\n"):
-    """Progress and diagnostics go to stderr; stdout carries only sampled text."""
+    """Progress and diagnostics go to stderr; stdout carries only sampled text (and bench's table)."""
     print(message, file=sys.stderr, end=end, flush=True)
 
 
@@ -100,7 +100,8 @@ def log(message, end="\n"):
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 65    # how many different tokens: 65 characters in tinyshakespeare, 50257 in GPT-2's BPE
+    vocab_size: int = 65    # how many different tokens (65 characters in tinyshakespeare, 50257 in GPT-2's BPE);
+                            # train sets it from the tokenizer: 76 for input.txt
     block_size: int = 256   # the longest context the model can look at (T <= block_size)
     n_layer: int = 6        # how many transformer blocks are stacked
     n_head: int = 8         # attention heads per block; each looks at hs = n_embd // n_head channels
@@ -291,8 +292,9 @@ class KVCache:
     one new token. The keys and values of earlier positions never change (a position only looks
     backwards), so we keep them and compute only the new position: one position of work.
 
-    The cache holds at least float32, whatever the weights are: on a CPU, attention of one
-    query to 200 cached positions (8 heads of 32) took 55 us in bfloat16 and 18 us in float32.
+    On a CPU the cache holds at least float32, whatever the weights are: there, attention of
+    one query to 200 cached positions (8 heads of 32) took 55 us in bfloat16 and 18 us in
+    float32. On a GPU it keeps the model's dtype (half the memory; not measured here).
     """
 
     def __init__(self, config, batch_size):
@@ -306,7 +308,7 @@ class KVCache:
         """Store the keys and values (2, B, nh, T, hs) of the new positions; return the keys and
         the values of all positions so far."""
         if self.kv is None:
-            dtype = torch.promote_types(kv.dtype, torch.float32)
+            dtype = torch.promote_types(kv.dtype, torch.float32) if kv.device.type == "cpu" else kv.dtype
             self.kv = [kv.new_zeros(self.shape, dtype=dtype) for _ in range(self.n_layer)]
         start, T = self.length, kv.size(3)
         self.kv[layer].narrow(3, start, T).copy_(kv)  # (2, B, nh, T, hs) into (2, B, nh, block_size, hs)
@@ -389,7 +391,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv  # 3 x (B, nh, T, hs)
         if kv_cache is not None:  # sampling: add this step's keys and values to the earlier ones
             k, v = kv_cache.store(layer, qkv[1:])  # (2, B, nh, T, hs) -> 2 x (B, nh, T_past + T, hs)
-            q = q.to(k.dtype)  # the cache's dtype: at least float32
+            q = q.to(k.dtype)  # the cache's dtype: at least float32 on a CPU
         dropout_p = self.dropout if self.training else 0.0
         if use_fused_attention(q) and not self.written_out:
             y = causal_attention_fused(q, k, v, dropout_p)  # (B, nh, T, hs)
@@ -614,6 +616,54 @@ def gpt2_config_from_json(path):
         raise GPTError(f"{path} lacks the key {e.args[0]!r} that a GPT-2 config.json has") from None
 
 
+def cache_folder():
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt.py"
+
+
+def download(url, target):
+    """Download url to target with progress on stderr. The bytes go to target.part first, which
+    an interrupted download resumes from (an HTTP Range request); target appears only once complete."""
+    part = target.with_name(target.name + ".part")
+    for attempt in range(2):
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if response.status != 206:  # the server sent the whole file: start from its first byte
+                    have = 0
+                total = have + int(response.headers.get("Content-Length", 0))
+                with open(part, "ab" if have else "wb") as f:
+                    last_report = 0.0
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        have += len(chunk)
+                        if time.time() - last_report > 1 or have == total:
+                            log(f"downloading {target.name}: {have / 1e6:,.0f} of {total / 1e6:,.0f} MB")
+                            last_report = time.time()
+            break
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and attempt == 0:  # "range not satisfiable": the part is complete or stale
+                part.unlink()
+                continue
+            raise GPTError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
+        except (OSError, ValueError, http.client.HTTPException) as e:  # no network, a dropped connection
+            raise GPTError(f"could not download {url} ({type(e).__name__}: {e}); rerun to resume it, or give "
+                           f"--init-from a local folder holding config.json and model.safetensors".splitlines()[0]) from None
+    require(total == 0 or have == total, f"download of {url} stopped at {have} of {total} bytes; rerun to resume it")
+    os.replace(part, target)
+
+
+def download_gpt2(name):
+    """Fetch config.json and model.safetensors of a GPT-2 size once; afterwards read them offline."""
+    folder = cache_folder() / name
+    for file in ("config.json", "model.safetensors"):
+        target = folder / file
+        if not target.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            download(GPT2_URL.format(name=name, file=file), target)
+    return folder
+
+
 def read_gpt2_weights(name_or_path):
     """-> (GPTConfig, state dict with our names), every tensor's name and shape checked."""
     if name_or_path in GPT2_SIZES:
@@ -665,54 +715,6 @@ def read_gpt2_weights(name_or_path):
                        f"{missing[0].removeprefix('transformer.')!r}")
     state["lm_head.weight"] = state["transformer.wte.weight"]  # tied: one tensor under two names
     return config, state
-
-
-def cache_folder():
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt.py"
-
-
-def download_gpt2(name):
-    """Fetch config.json and model.safetensors of a GPT-2 size once; afterwards read them offline."""
-    folder = cache_folder() / name
-    for file in ("config.json", "model.safetensors"):
-        target = folder / file
-        if not target.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            download(GPT2_URL.format(name=name, file=file), target)
-    return folder
-
-
-def download(url, target):
-    """Download url to target with progress on stderr. The bytes go to target.part first, which
-    an interrupted download resumes from (an HTTP Range request); target appears only once complete."""
-    part = target.with_name(target.name + ".part")
-    for attempt in range(2):
-        have = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                if response.status != 206:  # the server sent the whole file: start from its first byte
-                    have = 0
-                total = have + int(response.headers.get("Content-Length", 0))
-                with open(part, "ab" if have else "wb") as f:
-                    last_report = 0.0
-                    while chunk := response.read(1 << 20):
-                        f.write(chunk)
-                        have += len(chunk)
-                        if time.time() - last_report > 1 or have == total:
-                            log(f"downloading {target.name}: {have / 1e6:,.0f} of {total / 1e6:,.0f} MB")
-                            last_report = time.time()
-            break
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and attempt == 0:  # "range not satisfiable": the part is complete or stale
-                part.unlink()
-                continue
-            raise GPTError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
-        except (OSError, ValueError, http.client.HTTPException) as e:  # no network, a dropped connection
-            raise GPTError(f"could not download {url} ({type(e).__name__}: {e}); rerun to resume it, or give "
-                           f"--init-from a local folder holding config.json and model.safetensors".splitlines()[0]) from None
-    require(total == 0 or have == total, f"download of {url} stopped at {have} of {total} bytes; rerun to resume it")
-    os.replace(part, target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -900,7 +902,8 @@ class TrainConfig:
     out_dir: str = option("out", "folder for ckpt.pt (best validation loss) and last.pt (latest state)")
     init_from: str = option(None, "start from GPT-2's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
                             "local folder or .safetensors file (the shape comes from it)", default_text="a new model")
-    resume: bool = option(False, "continue the run saved in --out-dir, from last.pt; flags you give override its settings")
+    resume: bool = option(False, "continue the run saved in --out-dir, from last.pt; flags you give override its "
+                          "settings (a larger --max-iters keeps the saved learning-rate schedule)")
     device: str = option("auto", "where to train; auto picks cuda, then mps, then cpu", choices=DEVICES)
     dtype: str = option("auto", "number format of the matmuls (see section 6 of gpt.py)", choices=("auto", *DTYPES))
     compile: bool = option(False, "torch.compile the model (slow to start; pays on GPUs, not on CPUs)")
@@ -1077,6 +1080,11 @@ def resumed_config(given):
     checkpoint = load_checkpoint(resume_path(Path(given.get("out_dir", TrainConfig.out_dir))))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in checkpoint.get("train_args", {}).items() if k in fields}
+    if "max_iters" in given and "lr_decay_iters" not in given and saved.get("lr_decay_iters") is None:
+        # Training longer than planned: keep the learning rate where the saved run's schedule
+        # puts it (at --min-lr once it has decayed), rather than stretching the cosine over the
+        # new length, which would raise the learning rate again at the step we resume from.
+        saved["lr_decay_iters"] = saved.get("max_iters")
     return TrainConfig(**{**saved, **given}), checkpoint
 
 
@@ -1306,9 +1314,9 @@ def check_sampling_settings(temperature, top_k, top_p, prefix=""):
 def onednn_off(when):
     """One new token makes every matmul a vector-matrix product. PyTorch hands bfloat16 matmuls
     on a CPU to oneDNN, whose setup per call costs more than the product itself when the input
-    is one row; PyTorch's own kernel is faster there: the 24 vector-matrix products of the
-    default model took 1.2 ms through oneDNN and 0.5 ms without it. For matrix-matrix products
-    (reading a prompt, training) oneDNN is the fast one."""
+    is one row; PyTorch's own kernel is faster there: the 24 vector-matrix products in the
+    default model's blocks took 1.2 ms through oneDNN and 0.5 ms without it. For matrix-matrix
+    products (reading a prompt, training) oneDNN is the fast one."""
     previous = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = previous and not when
     try:
@@ -1327,13 +1335,14 @@ class OneTokenStep:
     computation as GPT.forward with T = 1, op for op, as one loop over weights looked up once:
     a step of the default model in bfloat16 took 1.10 ms instead of 1.52 ms (median over 12
     runs of 255 steps, on the CPU of README.md). A test checks that it gives exactly the logits
-    and the cache that GPT.forward gives.
+    and the cache that GPT.forward gives. It is for sampling: no dropout (the model in eval mode).
     """
 
     def __init__(self, model):
         t = model.transformer
         self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, (t.ln_f.weight, t.ln_f.bias)
         self.head, self.n_head = model.lm_head.weight, model.config.n_head  # head: wte, tied
+        self.block_size = model.config.block_size
         # Per block: the (weight, bias) of its six layers, in the order the loop uses them, and
         # which attention to run. (LayerNorm's eps is the default 1e-5, as in Block.)
         self.layers = [([(m.weight, m.bias) for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc,
@@ -1342,6 +1351,8 @@ class OneTokenStep:
     def __call__(self, idx, cache):
         """idx (B, 1), the new token of each row -> logits (B, 1, V); the cache grows by one."""
         B, C, nh = idx.size(0), self.wte.size(1), self.n_head
+        if cache.length >= self.block_size:
+            raise ValueError(f"the KV cache is full: the model has positions for {self.block_size} tokens")
         x = F.embedding(idx, self.wte) + self.wpe[cache.length]  # (B, 1, C) + (C,): token + position
         for layer, ((ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj), written_out) in enumerate(self.layers):
             # attention: x = x + attn(ln_1(x)), as in CausalSelfAttention.forward
@@ -1367,36 +1378,45 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     The model can look at block_size tokens at most, so the context is cropped to its last
     block_size tokens. Without a KV cache, every new token recomputes the whole (cropped)
     context. With one, the prompt is computed once and then each new token costs one position.
-    While the text fits in block_size, both give the same tokens. When the cache is full, it
-    keeps the newest half of the context: those block_size // 2 tokens are computed again in
-    one pass (at positions 0, 1, ...), and the cache grows from there. Past block_size the
-    cached model so sees between block_size / 2 and block_size tokens of context, where the
-    uncached one always sees block_size; both stay correct GPT computations. Why half: keeping
-    more would refill more often, keeping less would forget more; half costs one extra pass
-    over block_size / 2 tokens every block_size / 2 new tokens.
+    While the text fits in block_size, both are the same computation: in float64 they give the
+    same tokens (a test checks it); in float32 and bfloat16 their logits differ by rounding
+    (on a CPU the cache runs attention in float32), so a drawn token can occasionally differ.
+
+    When the cache is full, it keeps the newest half of the context: those block_size // 2
+    tokens are computed again in one pass (at positions 0, 1, ...), and the cache grows from
+    there. Past block_size the cached model so sees between block_size / 2 and block_size
+    tokens of context, where the uncached one always sees block_size; both stay correct GPT
+    computations. Why half: keeping more would refill more often, keeping less would forget
+    more; half costs one extra pass over block_size / 2 tokens every block_size / 2 new tokens.
     """
     check_sampling_settings(temperature, top_k, top_p)
-    model.eval()
+    require(idx.dim() == 2 and idx.size(1) >= 1, f"generate needs a prompt of shape (B, T) with T >= 1, got "
+            f"{tuple(idx.shape)}; start an empty text with the tokenizer's start_token")
     block_size, device = model.config.block_size, idx.device
     context = idx[:, -block_size:]  # (B, T) the tokens the model can see
     cache, pending = KVCache(model.config, idx.size(0)), context  # pending: tokens not in the cache yet
     one_token_step = OneTokenStep(model)
-    for _ in range(max_new_tokens):
-        if not kv_cache:
-            logits, _ = model(context)  # (B, T, V): the whole context, every time
-        else:
-            if cache.length + pending.size(1) > block_size:  # the cache is full: refill it with the newest half
-                pending = context[:, -max(1, block_size // 2):]  # (B, block_size // 2)
-                cache.length = 0
-            if pending.size(1) > 1:  # the prompt, or a refill: one pass over all of it
-                logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V)
+    was_training = model.training
+    model.eval()  # no dropout while sampling; the model gets back its mode at the end
+    try:
+        for _ in range(max_new_tokens):
+            if not kv_cache:
+                logits, _ = model(context)  # (B, T, V): the whole context, every time
             else:
-                with onednn_off(when=device.type == "cpu"):
-                    logits = one_token_step(pending, cache)  # (B, 1, V): only the new position
-        next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, V) -> (B, 1)
-        yield next_id
-        pending = next_id.to(device)
-        context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, T + 1), cropped to block_size
+                if cache.length + pending.size(1) > block_size:  # the cache is full: refill it with the newest half
+                    pending = context[:, -max(1, block_size // 2):]  # (B, block_size // 2)
+                    cache.length = 0
+                if pending.size(1) > 1:  # the prompt, or a refill: one pass over all of it
+                    logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V)
+                else:
+                    with onednn_off(when=device.type == "cpu"):
+                        logits = one_token_step(pending, cache)  # (B, 1, V): only the new position
+            next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, V) -> (B, 1)
+            yield next_id
+            pending = next_id.to(device)
+            context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, T + 1), cropped to block_size
+    finally:
+        model.train(was_training)
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):

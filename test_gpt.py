@@ -502,6 +502,28 @@ def test_past_block_size_the_cache_sees_the_context_the_readme_describes(config,
             assert out[n] == logits.argmax().item()
 
 
+def test_generation_gives_the_model_back_in_the_mode_it_had():
+    model = tiny_model(gpt.GPTConfig(vocab_size=7, block_size=6, n_layer=1, n_head=1, n_embd=4, dropout=0.5))
+    for mode in (True, False):
+        model.train(mode)
+        out = gpt.generate(model, torch.zeros((1, 1), dtype=torch.long), 10, temperature=0)
+        assert model.training == mode
+        # greedy and dropout-free: the same tokens whatever mode the model came in
+        assert torch.equal(out, gpt.generate(model.eval(), torch.zeros((1, 1), dtype=torch.long), 10, temperature=0))
+
+
+def test_an_empty_prompt_or_a_full_cache_is_a_clear_error():
+    config = gpt.GPTConfig(vocab_size=7, block_size=3, n_layer=1, n_head=1, n_embd=4)
+    model = tiny_model(config)
+    with pytest.raises(gpt.GPTError, match="start_token"):
+        gpt.generate(model, torch.zeros((1, 0), dtype=torch.long), 5)
+    cache = gpt.KVCache(config, 1)
+    with torch.inference_mode():
+        model(torch.zeros((1, 3), dtype=torch.long), kv_cache=cache)
+        with pytest.raises(ValueError, match="full"):
+            gpt.OneTokenStep(model)(torch.zeros((1, 1), dtype=torch.long), cache)
+
+
 def test_the_uncached_path_crops_the_context_to_block_size():
     config = gpt.GPTConfig(vocab_size=7, block_size=5, n_layer=1, n_head=1, n_embd=4)
     model = tiny_model(config)
@@ -555,6 +577,17 @@ def test_a_checkpoint_holds_what_sampling_and_resuming_need(trained):
     assert checkpoint["step"] == 30 and checkpoint["tokenizer"]["kind"] == "char"
     assert checkpoint["best_val_loss"] == min(h["val"] for h in checkpoint["history"])
     assert not any(name.startswith("_orig_mod") for name in checkpoint["model_state"])
+
+
+def test_resuming_with_more_steps_keeps_the_saved_learning_rate_schedule(trained):
+    # trained: 30 steps, its cosine decayed to min_lr at step 30
+    longer, _ = gpt.resumed_config({"resume": True, "out_dir": str(trained), "max_iters": 60})
+    assert longer.max_iters == 60 and longer.lr_decay_iters == 30
+    assert gpt.learning_rate(45, longer) == longer.min_lr  # no climb back up a stretched cosine
+    anew, _ = gpt.resumed_config({"resume": True, "out_dir": str(trained), "max_iters": 60, "lr_decay_iters": 60})
+    assert anew.lr_decay_iters == 60 and gpt.learning_rate(45, anew) > anew.min_lr
+    same, _ = gpt.resumed_config({"resume": True, "out_dir": str(trained)})
+    assert same.max_iters == 30 and same.lr_decay_iters is None
 
 
 def test_compiled_training_saves_the_plain_module(tmp_path, monkeypatch):
