@@ -464,8 +464,8 @@ def test_kv_cache_generation_equals_full_recomputation(config, data, greedy):
 
 
 @quick
-@given(config=configs(), data=st.data(), dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
-       written_out=st.booleans())
+@given(config=configs(), data=st.data(), written_out=st.booleans(),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]))
 def test_the_flat_one_token_step_gives_exactly_the_models_logits_and_cache(config, data, dtype, written_out):
     model = use_written_out_attention(tiny_model(config, dtype=dtype), written_out)
     batch, past = data.draw(st.integers(1, 3)), data.draw(st.integers(0, config.block_size - 1))
