@@ -9,23 +9,24 @@ The model is GPT-2 exactly (Radford et al. 2019, "Language Models are Unsupervis
 Learners", and OpenAI's released code): token and position embeddings, a stack of pre-LayerNorm
 transformer blocks with causal multi-head self-attention and a 4x-wide GELU MLP, a final
 LayerNorm, and an output layer that shares its weights with the token embedding. Its
-parameters carry the names of OpenAI's checkpoint, so GPT.from_pretrained("gpt2") loads the
-real weights into it.
+parameters carry the names of Hugging Face's GPT-2 checkpoints (h.0.attn.c_attn.weight), which
+follow the variable names of OpenAI's code (model/h0/attn/c_attn/w in its TensorFlow
+checkpoint), so GPT.from_pretrained("gpt2") loads the real weights into it.
 
-Read it in order:
+Part I, the GPT, is the code that runs; read it first, in one sitting. It follows a token from
+text to logits, to a gradient step, to a sampled next token.
     1. Config           what a model is made of: GPTConfig
     2. Tokenizers       text <-> integers: CharTokenizer, BPETokenizer
-    3. Data             a text file -> batches of (input, target) windows
-    4. Model            the KV cache, attention, MLP, block, GPT
-    5. GPT-2 weights    reading OpenAI's released checkpoints (safetensors) into GPT
-    6. Devices          CPU / CUDA / Apple MPS, and the number formats (float32, bfloat16)
-    7. Checkpoints      one file holds everything needed to sample or to resume training
-    8. Training         the loop: AdamW, warm-up + cosine learning rate, evaluation, logging
-    9. Sampling         temperature, top-k, top-p, a fast one-token step, streamed token by token
-   10. Benchmark        how fast this machine trains and samples
-   11. Command line     `train`, `sample` and `bench`
-Apart from GPT.from_pretrained, which calls the reader of section 5, nothing is used before it
-is defined. Timings quoted in comments were measured on the 2-core CPU described in README.md.
+    3. Data             token ids -> batches of (input, target) windows
+    4. Model            attention (written out, then fused), MLP, Block, GPT
+    5. Training         learning-rate schedule, AdamW, one training step, evaluation, the loop
+    6. Sampling         temperature, top-k, top-p; recomputing the context; the KV cache
+
+Part II makes it fast, safe and usable; read it when you want to know how. Its sections: 7.
+Devices, 8. Speed, 9. Data files, 10. Checkpoints, 11. GPT-2's weights, 12. Training runs,
+13. Sampling runs, 14. Benchmark, 15. Command line (its opening says what each holds). Part I
+calls into Part II by names that say what happens there, with the section number. Within each
+part nothing is used before it is defined.
 
 Shapes are written in comments with these letters:
     B  batch size (how many sequences at once)     T  time (tokens in a sequence)
@@ -34,25 +35,11 @@ Shapes are written in comments with these letters:
     L  number of layers (blocks)
 """
 
-import argparse
-import codecs
-import contextlib
-import dataclasses
-import http.client
-import json
 import math
-import mmap
-import os
-import random
-import shutil
-import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 # torch prints a warning at import when NumPy is missing; gpt.py never uses NumPy.
 with warnings.catch_warnings():
@@ -64,19 +51,8 @@ import tiktoken
 
 
 class GPTError(ValueError):
-    """A problem a person can act on: a bad flag, an unreadable file, a prompt the vocabulary
-    cannot encode, a diverged run. The command line prints it as one line, without a
-    traceback; a bug in gpt.py still shows its traceback."""
-
-
-def option(default, help, **argparse_kwargs):
-    """A dataclass field that is also a command-line flag: its default and its --help text."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
-
-
-def flag(name):
-    """A field name as its command-line flag: block_size -> block-size."""
-    return name.replace("_", "-")
+    """A problem a person can act on (a bad flag, an unreadable file, a diverged run): the command
+    line prints it as one line, without a traceback. A bug in gpt.py still shows its traceback."""
 
 
 def require(condition, message):
@@ -84,57 +60,51 @@ def require(condition, message):
         raise GPTError(message)
 
 
+LOG_EVERY_SECONDS = 3  # a long job is never silent for longer
+
+
 def log(message, end="\n"):
     """Progress and diagnostics go to stderr; stdout carries only sampled text (and bench's table)."""
     print(message, file=sys.stderr, end=end, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# 1. Config
+# ==== Part I: the GPT =========================================================================
+
+# ---- 1. Config -------------------------------------------------------------------------------
 #
 # Everything that decides the *shape* of a model, and so which checkpoints it can load. The
-# defaults are a "typical" small model: about 4.8M parameters, trained in a few minutes on a
-# GPU or in an hour on a laptop's CPU. GPT-2 small is GPTConfig(vocab_size=50257,
-# block_size=1024, n_layer=12, n_head=12, n_embd=768).
-# ----------------------------------------------------------------------------------------------
+# defaults are a "typical" small model of about 4.8M parameters. GPT-2 small is
+# GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768).
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 65    # how many different tokens (65 characters in tinyshakespeare, 50257 in GPT-2's BPE);
-                            # train sets it from the tokenizer: 76 for input.txt
+    vocab_size: int = 65    # how many different tokens; train sets it from the tokenizer (76 characters
+                            # in input.txt, 50257 for GPT-2's BPE). 65: tinyshakespeare's characters
     block_size: int = 256   # the longest context the model can look at (T <= block_size)
     n_layer: int = 6        # how many transformer blocks are stacked
     n_head: int = 8         # attention heads per block; each looks at hs = n_embd // n_head channels
     n_embd: int = 256       # C: the width of every token's vector
-    dropout: float = 0.0    # probability of zeroing an activation while training (GPT-2's released config: 0.1)
+    dropout: float = 0.0    # probability of zeroing an activation while training (Hugging Face's
+                            # GPT-2 config says 0.1; OpenAI's released code has no dropout)
     bias: bool = True       # GPT-2 has biases in its Linear and LayerNorm layers
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value > 0,
-                    f"{name} must be a positive whole number, got {value!r}")
-        require(self.n_embd % self.n_head == 0,
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                f"each head gets n_embd // n_head channels")
-        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check_model_config(self)  # one clear error for a value no model can have: section 12
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. Tokenizers
+# ---- 2. Tokenizers ---------------------------------------------------------------------------
 #
 # A model reads integers, not text. A tokenizer turns text into a list of token ids and back.
 # Both tokenizers below offer the same things (encode, decode, vocab_size, token_bytes for
-# streaming, start_token for an empty prompt, to_dict for checkpoints), so the model and the
-# training loop never know which one they were given.
+# streaming, start_token for an empty prompt), so the model and the training loop never know
+# which one they were given.
 #
 # - CharTokenizer: one token per character. The vocabulary is the sorted set of characters of
 #   the training text (76 for input.txt). Tiny vocabulary, long sequences.
 # - BPETokenizer: GPT-2's byte-level byte-pair encoding, through tiktoken. It starts from the
 #   256 byte values (so it can encode *any* string), learned 50,000 merges of frequent pairs,
 #   and adds one special token, <|endoftext|>: 256 + 50,000 + 1 = 50,257 ids. Common words are
-#   one token each, so a sequence is about 4x shorter than in characters.
-# ----------------------------------------------------------------------------------------------
+#   one token each: input.txt is 3.2x shorter in BPE tokens than in characters.
 
 class CharTokenizer:
     kind = "char"
@@ -144,21 +114,20 @@ class CharTokenizer:
         self.index = {ch: i for i, ch in enumerate(self.chars)}
         require(len(self.index) == len(self.chars) and self.chars,
                 "a character vocabulary needs distinct characters, at least one")
+        self.vocab_size = len(self.chars)
+        # An empty prompt starts from a new line, where a speech begins in a play.
+        self.start_token = self.index.get("\n", 0)
 
     @classmethod
     def from_text(cls, text):
         return cls(sorted(set(text)))
-
-    @property
-    def vocab_size(self):
-        return len(self.chars)
 
     def encode(self, text):
         unknown = sorted(set(text) - self.index.keys())
         if unknown:
             shown = ", ".join(repr(ch) for ch in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
             raise GPTError(f"the character vocabulary ({len(self.chars)} characters of the training "
-                             f"text) lacks {len(unknown)} character(s) of this text: {shown}")
+                           f"text) lacks {len(unknown)} character(s) of this text: {shown}")
         return [self.index[ch] for ch in text]
 
     def decode(self, ids):
@@ -167,31 +136,15 @@ class CharTokenizer:
     def token_bytes(self, i):
         return self.chars[i].encode("utf-8")
 
-    @property
-    def start_token(self):
-        """What an empty prompt starts from: a new line, where a speech begins in a play."""
-        return self.index.get("\n", 0)
-
-    def to_dict(self):
-        return {"kind": self.kind, "chars": self.chars}
-
 
 class BPETokenizer:
     kind = "bpe"
 
     def __init__(self):
-        try:
-            self.encoding = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken raises whatever its download raised
-            raise GPTError(
-                "could not load GPT-2's BPE files: tiktoken downloads them on first use, which needs "
-                "network access, and keeps them in the folder named by TIKTOKEN_CACHE_DIR; set "
-                f"TIKTOKEN_CACHE_DIR to a folder that holds them ({type(e).__name__}: {e})".splitlines()[0]
-            ) from None
-
-    @property
-    def vocab_size(self):
-        return self.encoding.n_vocab  # 50257
+        self.encoding = gpt2_bpe_encoding()  # tiktoken's "gpt2", and what to do offline: section 11
+        self.vocab_size = self.encoding.n_vocab  # 50257
+        # An empty prompt starts from <|endoftext|>, which begins every document in GPT-2.
+        self.start_token = self.encoding.eot_token  # 50256
 
     def encode(self, text):
         # allowed_special: the text "<|endoftext|>" becomes the special token, as in GPT-2's data
@@ -204,62 +157,24 @@ class BPETokenizer:
         # One BPE token can hold part of a multi-byte character, so streaming works on bytes.
         return self.encoding.decode_single_token_bytes(i)
 
-    @property
-    def start_token(self):
-        """What an empty prompt starts from: <|endoftext|>, which begins every document in GPT-2."""
-        return self.encoding.eot_token  # 50256
 
-    def to_dict(self):
-        return {"kind": self.kind, "encoding": "gpt2"}
-
-
-def tokenizer_from_dict(d):
-    require(isinstance(d, dict), f"unknown tokenizer {d!r}: expected a dict with kind 'char' or 'bpe'")
-    if d.get("kind") == "char":
-        return CharTokenizer(d["chars"])
-    if d.get("kind") == "bpe":
-        return BPETokenizer()
-    raise GPTError(f"unknown tokenizer {d!r}: expected kind 'char' or 'bpe'")
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Data
+# ---- 3. Data ---------------------------------------------------------------------------------
 #
-# The whole text is encoded once into one long tensor of token ids. The first 90% trains the
-# model, the last 10% measures how well it does on text it never trained on (validation).
-# A training example is a random window of block_size + 1 tokens: the model reads the first
-# block_size and, at every position t, predicts the token at t + 1. So one window teaches
-# block_size predictions at once, each with a different amount of context.
-# ----------------------------------------------------------------------------------------------
-
-def read_text(path):
-    """Read a UTF-8 text file, with a clear error for every way it can be wrong."""
-    path = Path(path)
-    require(path.exists(), f"data file {str(path)!r} does not exist")
-    require(not path.is_dir(), f"data file {str(path)!r} is a directory, not a text file")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise GPTError(f"cannot read data file {str(path)!r}: {e.strerror}") from None
-    require(raw, f"data file {str(path)!r} is empty")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise GPTError(f"data file {str(path)!r} is not UTF-8 text: byte {e.start} (line {line}) "
-                         f"is {raw[e.start:e.start + 1]!r}; save it as UTF-8") from None
-
+# The whole text (read by read_text, section 9) is encoded once into one long tensor of token
+# ids. The first 90% trains the model, the last 10% measures how well it does on text it never
+# trained on (validation). A training example is a random window of block_size + 1 tokens: the
+# model reads the first block_size and, at every position t, predicts the token at t + 1. So
+# one window teaches block_size predictions at once, each with a different amount of context.
 
 def split_data(ids, block_size):
-    """One tensor of token ids -> (train, val): the first 90% and the last 10%."""
+    """One list of token ids -> (train, val) tensors: the first 90% and the last 10%."""
     data = torch.tensor(ids, dtype=torch.long)
     n_train = int(0.9 * len(data))
     train, val = data[:n_train], data[n_train:]
     need = 10 * (block_size + 1) + 10  # enough for the 10% validation split to hold one window
-    require(len(train) > block_size and len(val) > block_size,
-            f"the data has {len(data)} tokens: too short for one window of block_size + 1 = "
-            f"{block_size + 1} tokens in both the training split (90%) and the validation split "
-            f"(10%); give a text of at least {need} tokens or a smaller --block-size")
+    require(len(train) > block_size and len(val) > block_size, f"the data has {len(data)} tokens: too short "
+            f"for one window of block_size + 1 = {block_size + 1} tokens in both the training split (90%) and the "
+            f"validation split (10%); give a text of at least {need} tokens or a smaller --block-size")
     return train, val
 
 
@@ -270,8 +185,7 @@ def get_batch(data, block_size, batch_size, generator):
     return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Model
+# ---- 4. Model --------------------------------------------------------------------------------
 #
 #   idx (B, T) token ids
 #    -> wte(idx) + wpe(0..T-1)              token embedding + position embedding   (B, T, C)
@@ -283,40 +197,12 @@ def get_batch(data, block_size, batch_size, generator):
 #
 # The additions `x = x + ...` form the "residual stream": each block reads it and writes a
 # correction into it, so gradients flow straight from the loss to the first layer.
-# ----------------------------------------------------------------------------------------------
-
-class KVCache:
-    """The keys and values of every position seen so far, for every layer.
-
-    Without it, sampling each new token recomputes the whole context: T positions of work for
-    one new token. The keys and values of earlier positions never change (a position only looks
-    backwards), so we keep them and compute only the new position: one position of work.
-
-    On a CPU the cache holds at least float32, whatever the weights are: there, attention of
-    one query to 200 cached positions (8 heads of 32) took 55 us in bfloat16 and 18 us in
-    float32. On a GPU it keeps the model's dtype (half the memory; not measured here).
-    """
-
-    def __init__(self, config, batch_size):
-        hs = config.n_embd // config.n_head
-        self.shape = (2, batch_size, config.n_head, config.block_size, hs)  # (k and v, B, nh, block_size, hs) per layer
-        self.n_layer = config.n_layer
-        self.kv = None  # allocated at the first store, on the device of the keys
-        self.length = 0  # how many positions are stored
-
-    def store(self, layer, kv):
-        """Store the keys and values (2, B, nh, T, hs) of the new positions; return the keys and
-        the values of all positions so far."""
-        if self.kv is None:
-            dtype = torch.promote_types(kv.dtype, torch.float32) if kv.device.type == "cpu" else kv.dtype
-            self.kv = [kv.new_zeros(self.shape, dtype=dtype) for _ in range(self.n_layer)]
-        start, T = self.length, kv.size(3)
-        self.kv[layer].narrow(3, start, T).copy_(kv)  # (2, B, nh, T, hs) into (2, B, nh, block_size, hs)
-        return self.kv[layer].narrow(3, 0, start + T).unbind(0)  # 2 x (B, nh, T_past + T, hs)
-
+#
+# Attention comes first, twice: written out as the paper gives it, which is what to learn,
+# then as PyTorch's fused kernel, which is what the model runs by default.
 
 def causal_attention_written_out(q, k, v, dropout_p=0.0):
-    """Attention as the paper writes it: softmax(q @ k^T / sqrt(hs), causally masked) @ v.
+    """Attention as the paper writes it: softmax(q @ k^T / sqrt(hs) + causal mask) @ v.
 
     q is (B, nh, Tq, hs); k and v are (B, nh, Tk, hs) with Tk >= Tq: the queries are the last
     Tq of the Tk positions (Tq == Tk in training; Tq == 1 when sampling with a KV cache).
@@ -324,47 +210,31 @@ def causal_attention_written_out(q, k, v, dropout_p=0.0):
     Tq, Tk, hs = q.size(-2), k.size(-2), q.size(-1)
     # How well each query matches each key. Dividing by sqrt(hs) keeps the scores' variance
     # near 1 whatever the head size, so the softmax does not saturate (Vaswani et al. 2017).
-    # Dividing q gives the same scores as dividing the result, on a tensor Tk / hs times smaller.
     scores = (q / math.sqrt(hs)) @ k.transpose(-2, -1)  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
-    # The causal mask, added to the scores: 0 where the query may look (the query at position t
-    # sees keys 0..t), -inf on the future, whose weight becomes exp(-inf) = 0. Query i sits at
-    # position Tk - Tq + i, hence the diagonal offset.
+    # The causal mask. The target at position t is the input at t + 1: a position that could
+    # look ahead would copy its answer instead of predicting it. So the query at position t
+    # sees keys 0..t only: the mask adds 0 there and -inf on the future, whose weight becomes
+    # exp(-inf) = 0. Query i sits at position Tk - Tq + i, hence the diagonal's offset.
     causal_mask = torch.full((Tq, Tk), float("-inf"), dtype=scores.dtype, device=q.device).triu(Tk - Tq + 1)  # (Tq, Tk)
-    # Added in place: no second (B, nh, Tq, Tk) tensor, and the backward pass of an addition is
-    # free (a masked_fill would mask the gradient again). The matmul's backward does not need
-    # its own output, so overwriting it is safe.
-    scores += causal_mask  # (B, nh, Tq, Tk) + (Tq, Tk)
+    scores += causal_mask  # (B, nh, Tq, Tk) + (Tq, Tk); in place, for speed (section 8)
     weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk): each row sums to 1
     weights = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
-    return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
+    return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs): a weighted mean of values
 
 
 def causal_attention_fused(q, k, v, dropout_p=0.0):
-    """The same computation in one fused kernel (flash attention), which never builds the
-    (Tq, Tk) score matrix in memory. A test checks that both versions agree."""
+    """The same computation in one call of PyTorch's fused kernel, F.scaled_dot_product_attention,
+    which runs by default: fewer passes over memory, and its flash and memory-efficient backends
+    never hold the (Tq, Tk) scores at all (PyTorch picks a backend by device, dtype and shape).
+    A test proves that both versions agree."""
     Tq, Tk = q.size(-2), k.size(-2)
-    if Tq == Tk:  # training, or the first pass over a prompt
+    if Tq == Tk:  # training, or a first pass over a prompt
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, Tq, hs)
     if Tq == 1:  # one new token with a KV cache: it may look at every earlier position
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
-    # is_causal aligns its mask to the top-left corner, which is wrong when Tq < Tk.
+    # Several new tokens after cached ones (gpt.py's sampler never asks for this; a caller may):
+    # is_causal aligns its mask to the top-left corner, wrong when Tq < Tk.
     return causal_attention_written_out(q, k, v, dropout_p)
-
-
-def use_fused_attention(q):
-    """Which version to run. The fused kernel, except in two cases:
-    - Apple's MPS: its is_causal kernel has let half-precision tokens see the future
-      (pytorch issue 195910). The written-out version is correct there, in every dtype.
-    - Training in bfloat16 on a CPU with a context up to 512: PyTorch's fused CPU kernel is slow
-      to differentiate in bfloat16. Forward + backward of one layer of the default model
-      (B 16, nh 8, T 256, hs 32) took 41 ms fused and 27 ms written out on a 2-core AVX-512 CPU;
-      in float32, or at T = 1024, the fused kernel is the faster one.
-    """
-    if q.device.type == "mps":
-        return False
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
-        return q.size(-2) > 512
-    return True
 
 
 class CausalSelfAttention(nn.Module):
@@ -384,20 +254,26 @@ class CausalSelfAttention(nn.Module):
         self.written_out = False
 
     def forward(self, x, kv_cache=None, layer=0):
+        """x (B, T, C) -> (B, T, C). While sampling, kv_cache holds the keys and values of the
+        earlier positions (a KVCache, section 6) and layer is this block's number; else None."""
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, C) -> (B, T, 3C) -> (B, T, 3, nh, hs)
-        # Move the head axis next to batch: every head is an independent attention computation.
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # (B, T, 3, nh, hs) -> (3, B, nh, T, hs)
-        q, k, v = qkv  # 3 x (B, nh, T, hs)
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) -> (B, T, 3C) -> 3 x (B, T, C)
+        # Each head works on its own hs channels: the head axis moves next to the batch axis,
+        # and every (sequence, head) pair becomes one independent attention computation.
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        dtype = q.dtype
         if kv_cache is not None:  # sampling: add this step's keys and values to the earlier ones
-            k, v = kv_cache.store(layer, qkv[1:])  # (2, B, nh, T, hs) -> 2 x (B, nh, T_past + T, hs)
-            q = q.to(k.dtype)  # the cache's dtype: at least float32 on a CPU
+            k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
+            q = q.to(k.dtype)  # the cache's number format (section 8)
         dropout_p = self.dropout if self.training else 0.0
-        if use_fused_attention(q) and not self.written_out:
+        if use_fused_attention(q) and not self.written_out:  # which one is right and fast here: section 8
             y = causal_attention_fused(q, k, v, dropout_p)  # (B, nh, T, hs)
         else:
             y = causal_attention_written_out(q, k, v, dropout_p)  # (B, nh, T, hs)
-        y = y.to(qkv.dtype)  # back from the cache's float32 when sampling; a no-op otherwise
+        y = y.to(dtype)  # back from the cache's number format; a no-op without a cache
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
         return F.dropout(y, self.dropout) if self.training else y
@@ -439,6 +315,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2: token ids (B, T) -> a score (logit) for every possible next token at every
+    position (B, T, V), and with targets the loss. The layers carry GPT-2's checkpoint names:
+    transformer.wte, transformer.wpe, transformer.h.0 ... h.{L-1} (the blocks),
+    transformer.ln_f, and lm_head, which is wte itself."""
 
     def __init__(self, config):
         super().__init__()
@@ -485,11 +365,9 @@ class GPT(nn.Module):
                              f"{self.config.block_size}, the longest this model has positions for")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) the positions of these tokens
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
-        x = F.dropout(x, self.config.dropout) if self.training else x  # embedding dropout (GPT-2's embd_pdrop)
+        x = F.dropout(x, self.config.dropout) if self.training else x  # embedding dropout (Hugging Face's embd_pdrop)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer)  # (B, T, C) -> (B, T, C)
-        if kv_cache is not None:
-            kv_cache.length = start + T
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
         if targets is None:
@@ -500,38 +378,617 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0, block_size=None):
-        """OpenAI's GPT-2 weights in this model: "gpt2" (124M), "gpt2-medium" (350M),
+        """OpenAI's GPT-2 weights in this model: "gpt2" (124M parameters), "gpt2-medium" (355M),
         "gpt2-large" (774M), "gpt2-xl" (1558M), or a local Hugging Face GPT-2 folder or
-        .safetensors file. The next section explains the file format and the names."""
-        config, state = read_gpt2_weights(name_or_path)
-        config = dataclasses.replace(config, dropout=dropout)
-        with torch.device("meta"):  # shapes only: drawing 1.5B random numbers for gpt2-xl would be wasted
-            model = cls(config)
-        model.to_empty(device="cpu")
-        model.lm_head.weight = model.transformer.wte.weight  # to_empty gave the two names separate tensors
-        model.load_state_dict(state)
-        if block_size is not None and block_size < config.block_size:
-            model.crop_block_size(block_size)
-        return model
-
-    def crop_block_size(self, block_size):
-        """Keep the first block_size position embeddings: a shorter context, cheaper to fine-tune."""
-        self.config = dataclasses.replace(self.config, block_size=block_size)
-        kept = self.transformer.wpe.weight[:block_size].detach().clone()  # (block_size_old, C) -> (block_size, C)
-        self.transformer.wpe.weight = nn.Parameter(kept)
-
-    def flops_per_token(self):
-        """Floating-point operations to train on one token, forward and backward (PaLM paper,
-        appendix B; nanoGPT): 6 per weight of every matmul (2 forward, 4 backward), plus the
-        attention scores and their weighted sum, 12 * L * T * C. The position embedding is a
-        lookup, not a matmul, so it is left out; the tied token embedding counts once, as lm_head."""
-        c = self.config
-        n_matmul = self.num_parameters() - self.transformer.wpe.weight.numel()
-        return 6 * n_matmul + 12 * c.n_layer * c.block_size * c.n_embd
+        .safetensors file. Section 11 reads them; block_size crops the 1,024 positions."""
+        return load_gpt2(name_or_path, dropout, block_size)
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. GPT-2's released weights
+# ---- 5. Training -----------------------------------------------------------------------------
+#
+# Training makes the model less surprised by each next token. Each step: take a batch of random
+# windows, compute the loss (the mean of -log p(the true next token)), backpropagate to get the
+# gradient of every weight, clip it, and let AdamW update the weights. Every eval_interval
+# steps, the loss on held-out text (validation) says whether the model learns or memorises.
+# The settings come in cfg, a TrainConfig (section 12): one field per command-line flag.
+
+def learning_rate(step, cfg):
+    """Linear warm-up, then a cosine decay to min_lr (GPT-3, appendix B; Chinchilla: decay to
+    lr / 10). Warm-up: in the first steps Adam's estimate of each gradient's second moment rests
+    on a few samples, and its updates can be too large (Liu et al. 2020, "On the Variance of the
+    Adaptive Learning Rate and Beyond"); step s of the warm-up uses lr * (s + 1) / warmup_iters."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step >= decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model, cfg):
+    """AdamW. Weight decay pulls weights towards zero; it applies to the matrices (the Linear
+    and Embedding weights), not to biases and LayerNorm gains, whose size has no reason to be
+    small. beta1 0.9 as in GPT-3. The fused kernel does the whole update in one pass."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=True)
+    except RuntimeError:  # this device has no fused AdamW
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
+
+
+def train_step(model, params, optimizer, scaler, next_batch, grad_accum, autocast_ctx, grad_clip):
+    """One optimizer step over grad_accum micro-batches -> the mean loss, as a tensor: reading
+    its value would make the CPU wait for the GPU, so the loop does that only when it logs.
+
+    Mixed precision (section 7): autocast_ctx runs the matmuls in 16 bits. In float16 small
+    gradients would round to zero, so the scaler multiplies the loss by a large factor before
+    backward, unscale_ divides the gradients back before clipping (which must see their true
+    size), and step skips an update whose gradients overflowed. Otherwise the scaler is off."""
+    total = torch.zeros((), device=params[0].device)
+    for _ in range(grad_accum):
+        x, y = next_batch()
+        with autocast_ctx:
+            _, loss = model(x, y)
+        scaler.scale(loss / grad_accum).backward()  # gradients add up over the micro-batches
+        total += loss.detach()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)  # one bad batch cannot throw the weights far
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / grad_accum
+
+
+@torch.no_grad()
+def estimate_loss(model, data, cfg, block_size, device, autocast_ctx, seed, split):
+    """Mean loss over eval_iters batches. The batches come from their own generator, seeded the
+    same way each time: evaluations are comparable and never disturb the training batches."""
+    model.eval()  # turns dropout off
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros((), device=device)
+    last_report = time.perf_counter()
+    for i in range(cfg.eval_iters):
+        x, y = get_batch(data, block_size, cfg.batch_size, generator)
+        with autocast_ctx:
+            _, loss = model(x.to(device), y.to(device))
+        total += loss
+        if time.perf_counter() - last_report > LOG_EVERY_SECONDS:  # a long evaluation is never silent
+            log(f"evaluating the {split} loss: batch {i + 1}/{cfg.eval_iters}")
+            last_report = time.perf_counter()
+    model.train()
+    return (total / cfg.eval_iters).item()
+
+
+def train(cfg, resume_checkpoint=None):
+    """Train as cfg says; with cfg.resume, continue the run saved in cfg.out_dir (from
+    resume_checkpoint, if given). -> {"step", "best_val_loss", "history", "interrupted"}."""
+    run = TrainingRun(cfg, resume_checkpoint)  # checks the input, builds or restores everything: section 12
+    cfg, model, optimizer = run.cfg, run.compiled, run.optimizer  # compiled: the model, or its torch.compile
+
+    def next_batch():  # random training windows, on the model's device
+        x, y = get_batch(run.train_data, cfg.block_size, cfg.batch_size, run.batches)
+        return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+
+    with ctrl_c_finishes_the_step() as stop_requested:  # section 12
+        while run.step < cfg.max_iters:
+            if run.step % cfg.eval_interval == 0 and not run.evaluated_at(run.step):
+                # estimate_loss on both splits; the best val loss so far -> ckpt.pt, the latest -> last.pt
+                run.evaluate_and_save()
+            lr = learning_rate(run.step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = train_step(model, run.params, optimizer, run.scaler, next_batch, cfg.grad_accum,
+                              run.autocast_ctx, cfg.grad_clip)
+            run.step += 1
+            run.after_step(loss, lr, stop_requested)  # watches for NaN; logs tokens/s, MFU and the ETA
+            if stop_requested:  # Ctrl-C or SIGTERM: save last.pt, say how to resume, stop
+                return run.stop()
+        if not run.evaluated_at(run.step):
+            run.evaluate_and_save()
+    return run.finish()
+
+
+# ---- 6. Sampling -----------------------------------------------------------------------------
+#
+# The model gives a score (logit) for every possible next token. To write text we turn the
+# scores into probabilities, draw one token, append it, and repeat:
+#   temperature  divides the scores: below 1 sharpens the distribution, above 1 flattens it;
+#                0 means "always the most likely token" (greedy).
+#   top_k        keep only the k most likely tokens.
+#   top_p        keep only the most likely tokens whose probabilities add up to p ("nucleus").
+# The draw runs on the CPU in float32 whatever the device, and every drawn id is checked before
+# anyone decodes it (section 13 says why).
+#
+# The simple loop runs the model over the whole context for every new token. The KV cache
+# then gives the same tokens while computing only the new position at each step.
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> the next token ids (B, 1), on the CPU."""
+    logits = logits.float().cpu()  # (B, V) -> (B, V) in float32 on the CPU
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    logits = logits / temperature  # (B, V)
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))  # (B, V)
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
+        # A token is in the nucleus if the tokens more likely than it add up to less than top_p
+        # (so the most likely token always is).
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # back to vocabulary order
+    next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
+    return checked_draw(next_ids, probs)  # never an id outside the vocabulary or of probability 0: section 13
+
+
+def sample_by_recomputing(model, context, max_new_tokens, draw):
+    """The simple loop: every new token runs the model over the whole context again. The model
+    can look at block_size tokens at most, so the context keeps its last block_size tokens."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(context)  # (B, T, V): the whole context, every time
+        next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1): only the last position's scores matter
+        yield next_id
+        context = torch.cat([context, next_id.to(context.device)], dim=1)  # (B, T + 1)
+        context = context[:, -model.config.block_size:]  # cropped to block_size
+
+
+class KVCache:
+    """The keys and values of every position seen so far, in every layer. They never change (a
+    position only looks backwards), so a new token needs only its own position computed. Each
+    layer's attention stores its new keys and values and gets back those of all positions so
+    far; once the last layer has stored, the cache is that many positions longer."""
+
+    def __init__(self, config, batch_size):
+        hs = config.n_embd // config.n_head
+        self.shape = (batch_size, config.n_head, config.block_size, hs)  # (B, nh, block_size, hs) per layer
+        self.n_layer = config.n_layer
+        self.keys, self.values = [], []  # one tensor per layer, made at the first store
+        self.length = 0  # how many positions are stored
+
+    def store(self, layer, k, v):
+        """k, v (B, nh, T, hs) of T new positions -> the keys and values of all positions so far."""
+        if not self.keys:  # on the device of the keys, in the number format of kv_cache_dtype (section 8)
+            dtype = kv_cache_dtype(k)
+            self.keys = [k.new_zeros(self.shape, dtype=dtype) for _ in range(self.n_layer)]
+            self.values = [v.new_zeros(self.shape, dtype=dtype) for _ in range(self.n_layer)]
+        start, T = self.length, k.size(2)
+        self.keys[layer][:, :, start:start + T] = k  # (B, nh, T, hs) into (B, nh, block_size, hs)
+        self.values[layer][:, :, start:start + T] = v
+        if layer == self.n_layer - 1:
+            self.length += T
+        return self.keys[layer][:, :, :start + T], self.values[layer][:, :, :start + T]  # 2 x (B, nh, T_past + T, hs)
+
+    def clear(self):
+        self.length = 0  # the stored tensors are overwritten from position 0 on
+
+
+def sample_with_kv_cache(model, context, max_new_tokens, draw):
+    """The same loop with a KV cache: the prompt in one pass, then one new position per token.
+
+    A full cache keeps the newest half of the context: those block_size // 2 tokens are computed
+    again in one pass (at positions 0, 1, ...), and the cache grows from there. So past
+    block_size the model sees between block_size / 2 and block_size tokens, where the simple
+    loop sees block_size; both are correct GPT computations. Half: keeping more would refill
+    more often, keeping less would forget more."""
+    block_size, device = model.config.block_size, context.device
+    cache, pending = KVCache(model.config, context.size(0)), context  # pending: tokens not in the cache yet
+    one_token_step = OneTokenStep(model)  # model(x, kv_cache=cache) for one token, faster: section 8
+    for _ in range(max_new_tokens):
+        if cache.length + pending.size(1) > block_size:  # the cache is full: refill it with the newest half
+            pending = context[:, -max(1, block_size // 2):]  # (B, block_size // 2)
+            cache.clear()
+        if pending.size(1) > 1:  # the prompt, or a refill: one pass over all of it
+            logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V)
+        else:
+            with onednn_off(when=device.type == "cpu"):  # a faster matmul kernel for one row: section 8
+                logits = one_token_step(pending, cache)  # (B, 1, V): only the new position
+        next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1)
+        yield next_id
+        pending = next_id.to(device)
+        context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, T + 1), cropped to block_size
+
+
+@torch.inference_mode()
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
+                    generator=None):
+    """Yield max_new_tokens new token ids, each (B, 1) on the CPU, one at a time. While the text
+    fits in block_size, both loops compute the same thing: the same tokens in float64 (a test
+    checks it); in lower precision, rounding can make a drawn token differ now and then."""
+    check_sampling_settings(temperature, top_k, top_p)  # one clear error for a bad value: section 13
+    require(idx.dim() == 2 and idx.size(1) >= 1, f"generate needs a prompt of shape (B, T) with T >= 1, got "
+            f"{tuple(idx.shape)}; start an empty text with the tokenizer's start_token")
+
+    def draw(logits):  # (B, V) -> (B, 1)
+        return sample_next_token(logits, temperature, top_k, top_p, generator)
+
+    loop = sample_with_kv_cache if kv_cache else sample_by_recomputing
+    was_training = model.training
+    model.eval()  # no dropout while sampling; the model gets back its mode at the end
+    try:
+        yield from loop(model, idx[:, -model.config.block_size:], max_new_tokens, draw)  # (B, T) the visible tokens
+    finally:
+        model.train(was_training)
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
+    """idx (B, T) -> (B, T + max_new_tokens): idx followed by the sampled tokens."""
+    new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator))
+    return torch.cat([idx, *(token.to(idx.device) for token in new)], dim=1)
+
+
+# ==== Part II: making it real =================================================================
+#
+# Everything above is the GPT. What follows makes it fast, safe and usable:
+#    7. Devices          CPU / CUDA / Apple MPS, and the number formats (float32, bfloat16, float16)
+#    8. Speed            which attention runs where, the KV cache's format, a flat one-token step,
+#                        FLOPs and MFU, with the measurements behind each choice
+#    9. Data files       reading a text file, with a clear error for each way it can be wrong
+#   10. Checkpoints      one file holds everything needed to sample or to resume; atomic saves
+#   11. GPT-2's files    OpenAI's released weights (safetensors) read into GPT, the download,
+#                        and the BPE files offline
+#   12. Training runs    settings, resuming, fine-tuning, logging with an ETA, Ctrl-C, divergence
+#   13. Sampling runs    the `sample` command: settings, the safe draw, text streamed token by token
+#   14. Benchmark        how fast this machine trains and samples
+#   15. Command line     `train`, `sample` and `bench`, and one-line errors
+# Timings quoted in Part II were measured on the 2-core CPU described in README.md.
+
+# Part II's own tools from the standard library (Part I needs only the imports at the top).
+import argparse  # noqa: E402
+import codecs  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import http.client  # noqa: E402
+import json  # noqa: E402
+import mmap  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from dataclasses import field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+# ---- 7. Devices and number formats -----------------------------------------------------------
+#
+# The same code runs on a CPU, an NVIDIA GPU (CUDA) and an Apple GPU (MPS). Mixed precision
+# runs the matmuls in a 16-bit format while the weights and the optimizer stay in float32.
+# bfloat16 keeps float32's range (8 exponent bits) with fewer digits, so it needs no loss
+# scaling; float16 has more digits but a small range, so its gradients must be scaled up to
+# avoid underflow (a GradScaler: train_step, section 5). Which one `--dtype auto` picks, and why:
+#   CUDA: bfloat16 where the GPU supports it (Ampere and newer), else float16.
+#   CPU:  bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX); there a bfloat16
+#         matmul runs 2.2x faster than a float32 one. Elsewhere float32: emulated bfloat16 is
+#         slower than float32.
+#   MPS:  float32. We have not measured half precision on Apple GPUs.
+
+def pick_device(name):
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return torch.device("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu")
+    require(name in available, f"unknown device {name!r}: expected auto, cpu, cuda or mps")
+    require(available[name], f"device {name!r} is not available on this machine "
+            f"(available: {', '.join(d for d, ok in available.items() if ok)})")
+    return torch.device(name)
+
+
+def cpu_has_native_bfloat16():
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        if device.type == "cuda":  # native bfloat16 only: older GPUs would emulate it, slowly
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        if device.type == "cpu" and cpu_has_native_bfloat16():
+            return torch.bfloat16
+        return torch.float32
+    require(name in DTYPES, f"unknown dtype {name!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device, dtype):
+    """Run the matmuls in dtype (mixed precision); float32 needs no context at all."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def synchronize(device):
+    """Wait for the GPU to finish what it was given: timings need it (on a CPU, work is never queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# ---- 8. Speed --------------------------------------------------------------------------------
+#
+# Part I computes the same thing on every machine; the choices here change only how fast (or,
+# for one device bug, whether it is right), each with the measurement behind it. Measured with
+# torch.profiler and timed loops on the 2-core AVX-512 CPU of README.md.
+#
+# - Which attention: use_fused_attention, below.
+# - Two details of causal_attention_written_out (section 4) are for speed. It divides q by
+#   sqrt(hs) before the matmul: the same scores up to rounding, computed on a tensor Tk / hs
+#   times smaller than the scores. And it adds the causal mask in place: no second
+#   (B, nh, Tq, Tk) tensor, and the backward pass of an addition is free, where a masked_fill
+#   would mask the gradient again; the matmul's backward does not need its own output, so
+#   overwriting it is safe.
+# - The KV cache's number format (kv_cache_dtype), a matmul kernel for one row (onednn_off) and
+#   a flat one-token step (OneTokenStep) make sampling with the cache fast.
+# - FLOPs per token and the hardware's peak give the MFU that training logs.
+
+def use_fused_attention(q):
+    """Which attention CausalSelfAttention runs. The fused kernel, except in two cases:
+    - Apple's MPS: its is_causal kernel has let half-precision tokens see the future
+      (pytorch issue 195910). The written-out version is correct there, in every dtype.
+    - Training in bfloat16 on a CPU with a context up to 512: PyTorch's fused CPU kernel is slow
+      to differentiate in bfloat16. Forward + backward of one layer of the default model
+      (B 16, nh 8, T 256, hs 32) took 41 ms fused and 27 ms written out on a 2-core AVX-512 CPU;
+      in float32, or at T = 1024, the fused kernel is the faster one.
+    """
+    if q.device.type == "mps":
+        return False
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+        return q.size(-2) > 512
+    return True
+
+
+def kv_cache_dtype(k):
+    """The KV cache's number format for keys k. On a CPU at least float32, whatever the weights
+    are: there, attention of one query to 200 cached positions (8 heads of 32) took 55 us in
+    bfloat16 and 18 us in float32. On a GPU the model's own (half the memory; not measured)."""
+    return torch.promote_types(k.dtype, torch.float32) if k.device.type == "cpu" else k.dtype
+
+
+@contextlib.contextmanager
+def onednn_off(when):
+    """One new token makes every matmul a vector-matrix product. PyTorch hands bfloat16 matmuls
+    on a CPU to oneDNN, whose setup per call costs more than the product itself when the input
+    is one row; PyTorch's own kernel is faster there: the 24 vector-matrix products in the
+    default model's blocks took 1.2 ms through oneDNN and 0.5 ms without it. For matrix-matrix
+    products (reading a prompt, training) oneDNN is the fast one."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = previous and not when
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+class OneTokenStep:
+    """model(idx, kv_cache=cache) for one new token per row, written flat for speed.
+
+    With a KV cache each step computes a single position, and the arithmetic becomes so small
+    that Python's own work is a large part of the cost: every nn.Module call and every lookup
+    of a submodule or a weight on a module (self.c_attn, .weight) goes through PyTorch's Python
+    code: 59 calls and 135 lookups per token for the default model. This is the same
+    computation as GPT.forward with T = 1, op for op, as one loop over weights looked up once:
+    a step of the default model in bfloat16 took 1.10 ms instead of 1.52 ms (median over 12
+    runs of 255 steps). A test checks that it gives exactly the logits and the cache that
+    GPT.forward gives. It is for sampling: no dropout (the model in eval mode).
+    """
+
+    def __init__(self, model):
+        t = model.transformer
+        self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, (t.ln_f.weight, t.ln_f.bias)
+        self.head, self.n_head = model.lm_head.weight, model.config.n_head  # head: wte, tied
+        self.block_size = model.config.block_size
+        # Per block: the (weight, bias) of its six layers, in the order the loop uses them, and
+        # which attention to run. (LayerNorm's eps is the default 1e-5, as in Block.)
+        self.layers = [([(m.weight, m.bias) for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc,
+                                                      b.mlp.c_proj)], b.attn.written_out) for b in t.h]
+
+    def __call__(self, idx, cache):
+        """idx (B, 1), the new token of each row -> logits (B, 1, V); the cache grows by one."""
+        B, C, nh = idx.size(0), self.wte.size(1), self.n_head
+        hs = C // nh
+        if cache.length >= self.block_size:
+            raise ValueError(f"the KV cache is full: the model has positions for {self.block_size} tokens")
+        x = F.embedding(idx, self.wte) + self.wpe[cache.length]  # (B, 1, C) + (C,): token + position
+        for layer, ((ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj), written_out) in enumerate(self.layers):
+            # attention: x = x + attn(ln_1(x)), as in CausalSelfAttention.forward
+            q, k, v = F.linear(F.layer_norm(x, (C,), *ln_1), *c_attn).split(C, dim=2)  # 3 x (B, 1, C)
+            q = q.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
+            k = k.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
+            v = v.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
+            k, v = cache.store(layer, k, v)  # 2 x (B, nh, T_past + 1, hs)
+            q = q.to(k.dtype)  # (B, nh, 1, hs)
+            fused = use_fused_attention(q) and not written_out
+            y = causal_attention_fused(q, k, v) if fused else causal_attention_written_out(q, k, v)  # (B, nh, 1, hs)
+            x = x + F.linear(y.to(x.dtype).transpose(1, 2).reshape(B, 1, C), *attn_proj)  # (B, 1, C)
+            # MLP: x = x + mlp(ln_2(x))
+            h = F.gelu(F.linear(F.layer_norm(x, (C,), *ln_2), *c_fc), approximate="tanh")  # (B, 1, 4C)
+            x = x + F.linear(h, *mlp_proj)  # (B, 1, C)
+        return F.linear(F.layer_norm(x, (C,), *self.ln_f), self.head)  # (B, 1, C) -> (B, 1, V)
+
+
+def flops_per_token(model):
+    """Floating-point operations to train on one token, forward and backward (PaLM paper,
+    appendix B; nanoGPT): 6 per parameter (2 forward, 4 backward: a weight's multiply-add, then
+    the gradients of its input and of itself), counting every parameter but the position
+    embedding, which is a lookup (the tied token embedding counts once, as lm_head); plus the
+    attention scores and their weighted sum, 12 * L * T * C. The biases and LayerNorm gains are
+    not matmul weights: counting them overstates the FLOPs by 0.4% in the default model."""
+    c = model.config
+    n_matmul = model.num_parameters() - model.transformer.wpe.weight.numel()
+    return 6 * n_matmul + 12 * c.n_layer * c.block_size * c.n_embd
+
+
+def measure_peak_flops(device, dtype):
+    """The FLOP/s the hardware could reach in dtype, for the MFU (model FLOPs utilisation)
+    figure. On a listed GPU in 16 bits, the card's published dense peak; otherwise a probe: the
+    best of a few large matmuls, which is what a training step mostly does."""
+    if device.type == "cuda" and dtype != torch.float32:
+        name = torch.cuda.get_device_name(device)
+        published = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+                     ("L4", 121e12), ("V100", 125e12), ("T4", 65e12))  # dense bf16/fp16 tensor-core FLOP/s
+        for card, peak in published:
+            if card in name and not (card == "L4" and "L40" in name):
+                return peak
+    n = 1024
+    generator = torch.Generator().manual_seed(0)  # its own: the probe must not move the training's random state
+    a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * n**3 / best
+
+
+# ---- 9. Data files ---------------------------------------------------------------------------
+
+def read_text(path):
+    """Read a UTF-8 text file, with a clear error for every way it can be wrong."""
+    path = Path(path)
+    require(path.exists(), f"data file {str(path)!r} does not exist")
+    require(not path.is_dir(), f"data file {str(path)!r} is a directory, not a text file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise GPTError(f"cannot read data file {str(path)!r}: {e.strerror}") from None
+    require(raw, f"data file {str(path)!r} is empty")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise GPTError(f"data file {str(path)!r} is not UTF-8 text: byte {e.start} (line {line}) "
+                       f"is {raw[e.start:e.start + 1]!r}; save it as UTF-8") from None
+
+
+# ---- 10. Checkpoints -------------------------------------------------------------------------
+#
+# One torch.save'd dict holds everything needed to sample or to continue training:
+#     format            the version of this layout (CHECKPOINT_FORMAT)
+#     model_state       the weights (the plain module's names: no "_orig_mod." from --compile)
+#     config            the GPTConfig, as a plain dict
+#     tokenizer         {"kind": "char", "chars": ...} or {"kind": "bpe", "encoding": "gpt2"}
+#     step, loss        optimizer steps done, and the training loss of the last one
+#     best_val_loss     the best validation loss so far; history: every evaluation
+#     optimizer_state   AdamW's moments; scaler_state for float16
+#     train_args        every training setting; rng: every random generator's state
+#
+# Files are loaded with weights_only=True: only tensors and plain Python data, never code, so
+# opening a checkpoint someone sent you cannot run anything. A save goes to a temporary file in
+# the same folder, is flushed to disk, and then renamed over the old file in one step
+# (os.replace), so a crash or a kill at any moment leaves the old checkpoint or the new one.
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("format", "model_state", "config", "tokenizer", "step", "loss")
+
+
+def tokenizer_to_dict(tokenizer):
+    if tokenizer.kind == "char":
+        return {"kind": "char", "chars": tokenizer.chars}
+    return {"kind": "bpe", "encoding": "gpt2"}
+
+
+def tokenizer_from_dict(d):
+    require(isinstance(d, dict), f"unknown tokenizer {d!r}: expected a dict with kind 'char' or 'bpe'")
+    if d.get("kind") == "char":
+        return CharTokenizer(d["chars"])
+    if d.get("kind") == "bpe":
+        return BPETokenizer()
+    raise GPTError(f"unknown tokenizer {d!r}: expected kind 'char' or 'bpe'")
+
+
+def save_checkpoint(checkpoint, path, also=None):
+    """Write checkpoint to path atomically; with `also`, give the same file a second name (a hard
+    link: a 1.5 GB GPT-2 checkpoint is then written once, not twice)."""
+    path = Path(path)
+    for leftover in path.parent.glob(".*.pt.*.tmp"):  # left by a save that was killed halfway
+        leftover.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them "the" checkpoint
+        if also is not None:
+            second = also.with_name(f".{also.name}.{os.getpid()}.tmp")
+            try:
+                os.link(tmp, second)
+            except OSError:  # a file system without hard links: a second copy
+                shutil.copyfile(tmp, second)
+        os.replace(tmp, path)
+        if also is not None:  # after path: a kill in between leaves `also` older, never newer, than path
+            os.replace(second, also)
+    except BaseException as e:
+        for leftover in path.parent.glob(f".*.{os.getpid()}.tmp"):
+            leftover.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise GPTError(f"could not write {path}: {e.strerror or e}; the previous checkpoints are untouched") from None
+        raise
+    if os.name == "posix":  # make the renames themselves durable
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint as data only, with a clear error for each way a file can be wrong."""
+    path = Path(path)
+    require(path.exists(), f"checkpoint {str(path)!r} does not exist; train one with: "
+            f"python gpt.py train --out-dir {path.parent}")
+    require(path.is_file(), f"checkpoint {str(path)!r} is not a file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise GPTError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    try:
+        with warnings.catch_warnings():  # torch warns about odd pickles; the one-line error below says more
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch.load raises many types; each means "not a readable checkpoint"
+        if "Weights only load failed" in str(e):
+            raise GPTError(f"refused to load {path}: it holds Python objects that could run code when "
+                           f"unpickled, and gpt.py loads checkpoints as data only") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GPTError(f"{path} is not a readable checkpoint (truncated, or not written by gpt.py): {reason}") from None
+    require(isinstance(checkpoint, dict), f"{path} is not a gpt.py checkpoint: it holds a {type(checkpoint).__name__}")
+    version = checkpoint.get("format")
+    require(version == CHECKPOINT_FORMAT, f"{path} has checkpoint format {version!r}; this gpt.py reads format "
+            f"{CHECKPOINT_FORMAT}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    require(not missing, f"{path} is not a complete checkpoint: it lacks {', '.join(missing)}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path="checkpoint"):
+    """-> (GPT with the checkpoint's weights, its tokenizer)."""
+    try:
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model_state"])
+    except (TypeError, RuntimeError, KeyError) as e:
+        raise GPTError(f"{path}: its weights do not fit its config ({str(e).splitlines()[0]})") from None
+    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    require(tokenizer.vocab_size == model.config.vocab_size, f"{path}: the tokenizer has {tokenizer.vocab_size} "
+            f"tokens but the model {model.config.vocab_size}")
+    return model, tokenizer
+
+
+# ---- 11. GPT-2's files: the released weights, and the BPE files offline ----------------------
 #
 # OpenAI released GPT-2 in four sizes; the Hugging Face hub serves them as two files:
 # config.json (the shape) and model.safetensors (the weights). The safetensors format is
@@ -543,13 +1000,12 @@ class GPT(nn.Module):
 #                                     "data_offsets": [begin, end]}, "__metadata__": {...}}
 #     the rest       the raw bytes of every tensor, at its offsets
 #
-# The names are ours, with or without the "transformer." prefix (h.0.attn.c_attn.weight, ...),
-# because our parameter names follow OpenAI's checkpoint. One difference: GPT-2's code computes its
-# linear layers with a "Conv1D" that stores the weight as (in, out), where nn.Linear stores
+# The names are ours, with or without the "transformer." prefix (h.0.attn.c_attn.weight, ...):
+# our parameter names follow Hugging Face's checkpoints. One difference: GPT-2's code computes
+# its linear layers with a "Conv1D" that stores the weight as (in, out), where nn.Linear stores
 # (out, in). So the four matrices of each block (attn.c_attn, attn.c_proj, mlp.c_fc,
 # mlp.c_proj) are transposed on the way in. The embeddings are lookups, not Conv1D, and need
 # no transposing; lm_head is the token embedding, so it is not stored separately.
-# ----------------------------------------------------------------------------------------------
 
 GPT2_SIZES = {  # name: (n_layer, n_head, n_embd); all four have 1024 positions and 50257 tokens
     "gpt2": (12, 12, 768),
@@ -664,21 +1120,24 @@ def download_gpt2(name):
     return folder
 
 
-def read_gpt2_weights(name_or_path):
-    """-> (GPTConfig, state dict with our names), every tensor's name and shape checked."""
+def gpt2_weight_files(name_or_path):
+    """A GPT-2 size, a folder or a .safetensors file -> (its config.json, maybe absent; its weights)."""
     if name_or_path in GPT2_SIZES:
         folder = download_gpt2(name_or_path)
-        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    else:
-        path = Path(name_or_path)
-        if path.is_dir():
-            config_path, weights_path = path / "config.json", path / "model.safetensors"
-            require(weights_path.exists(), f"{str(path)!r} has no model.safetensors")
-        elif path.is_file() and path.suffix == ".safetensors":
-            config_path, weights_path = path.with_name("config.json"), path
-        else:
-            raise GPTError(f"--init-from {name_or_path!r}: expected one of {', '.join(GPT2_SIZES)}, a folder "
-                           f"holding config.json and model.safetensors, or a .safetensors file")
+        return folder / "config.json", folder / "model.safetensors"
+    path = Path(name_or_path)
+    if path.is_dir():
+        require((path / "model.safetensors").exists(), f"{str(path)!r} has no model.safetensors")
+        return path / "config.json", path / "model.safetensors"
+    if path.is_file() and path.suffix == ".safetensors":
+        return path.with_name("config.json"), path
+    raise GPTError(f"--init-from {name_or_path!r}: expected one of {', '.join(GPT2_SIZES)}, a folder "
+                   f"holding config.json and model.safetensors, or a .safetensors file")
+
+
+def read_gpt2_weights(name_or_path):
+    """-> (GPTConfig, state dict with our names), every tensor's name and shape checked."""
+    config_path, weights_path = gpt2_weight_files(name_or_path)
     tensors = read_safetensors(weights_path)
     tensors = {name.removeprefix("transformer."): t for name, t in tensors.items()}
     if config_path.exists():
@@ -717,181 +1176,67 @@ def read_gpt2_weights(name_or_path):
     return config, state
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. Devices and number formats
-#
-# The same code runs on a CPU, an NVIDIA GPU (CUDA) and an Apple GPU (MPS). Mixed precision
-# runs the matmuls in a 16-bit format while the weights and the optimizer stay in float32.
-# bfloat16 keeps float32's range (8 exponent bits) with fewer digits, so it needs no loss
-# scaling; float16 has more digits but a small range, so its gradients must be scaled up to
-# avoid underflow (a GradScaler). Which one `--dtype auto` picks, and why:
-#   CUDA: bfloat16 where the GPU supports it (Ampere and newer), else float16.
-#   CPU:  bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX); there a bfloat16
-#         matmul runs 2.2x faster than a float32 one (measured on the machine in README.md).
-#         Elsewhere float32: emulated bfloat16 is slower than float32.
-#   MPS:  float32. We have not measured half precision on Apple GPUs.
-# ----------------------------------------------------------------------------------------------
-
-def pick_device(name):
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return torch.device("cuda" if available["cuda"] else "mps" if available["mps"] else "cpu")
-    require(name in available, f"unknown device {name!r}: expected auto, cpu, cuda or mps")
-    require(available[name], f"device {name!r} is not available on this machine "
-            f"(available: {', '.join(d for d, ok in available.items() if ok)})")
-    return torch.device(name)
+def load_gpt2(name_or_path, dropout=0.0, block_size=None):
+    """GPT.from_pretrained (section 4): a GPT holding GPT-2's weights, with the given dropout;
+    a block_size below 1,024 keeps the first block_size positions (a cheaper context)."""
+    config, state = read_gpt2_weights(name_or_path)
+    config = dataclasses.replace(config, dropout=dropout)
+    with torch.device("meta"):  # shapes only: drawing 1.5B random numbers for gpt2-xl would be wasted
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty gave the two names separate tensors
+    model.load_state_dict(state)
+    if block_size is not None and block_size < config.block_size:
+        model.config = dataclasses.replace(model.config, block_size=block_size)
+        kept = model.transformer.wpe.weight[:block_size].detach().clone()  # (1024, C) -> (block_size, C)
+        model.transformer.wpe.weight = nn.Parameter(kept)
+    return model
 
 
-def cpu_has_native_bfloat16():
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
-
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        if device.type == "cuda":  # native bfloat16 only: older GPUs would emulate it, slowly
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        if device.type == "cpu" and cpu_has_native_bfloat16():
-            return torch.bfloat16
-        return torch.float32
-    require(name in DTYPES, f"unknown dtype {name!r}: expected auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def autocast(device, dtype):
-    """Run the matmuls in dtype (mixed precision); float32 needs no context at all."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def synchronize(device):
-    """Wait for the GPU to finish what it was given: timings need it (on a CPU, work is never queued)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. Checkpoints
-#
-# One torch.save'd dict holds everything needed to sample or to continue training:
-#     format            the version of this layout (CHECKPOINT_FORMAT)
-#     model_state       the weights (the plain module's names: no "_orig_mod." from --compile)
-#     config            the GPTConfig, as a plain dict
-#     tokenizer         {"kind": "char", "chars": ...} or {"kind": "bpe", "encoding": "gpt2"}
-#     step, loss        optimizer steps done, and the training loss of the last one
-#     best_val_loss     the best validation loss so far; history: every evaluation
-#     optimizer_state   AdamW's moments; scaler_state for float16
-#     train_args        every training setting; rng: every random generator's state
-#
-# Files are loaded with weights_only=True: only tensors and plain Python data, never code, so
-# opening a checkpoint someone sent you cannot run anything. A save goes to a temporary file in
-# the same folder, is flushed to disk, and then renamed over the old file in one step
-# (os.replace), so a crash or a kill at any moment leaves the old checkpoint or the new one.
-# ----------------------------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = 1
-CHECKPOINT_KEYS = ("format", "model_state", "config", "tokenizer", "step", "loss")
-
-
-def save_checkpoint(checkpoint, path, also=None):
-    """Write checkpoint to path atomically; with `also`, give the same file a second name (a hard
-    link: a 1.5 GB GPT-2 checkpoint is then written once, not twice)."""
-    path = Path(path)
-    for leftover in path.parent.glob(".*.pt.*.tmp"):  # left by a save that was killed halfway
-        leftover.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def gpt2_bpe_encoding():
+    """tiktoken's "gpt2" encoding (BPETokenizer, section 2). tiktoken downloads its two files on
+    first use; offline, they must already be in TIKTOKEN_CACHE_DIR (README.md, "BPE offline")."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them "the" checkpoint
-        if also is not None:
-            second = also.with_name(f".{also.name}.{os.getpid()}.tmp")
-            try:
-                os.link(tmp, second)
-            except OSError:  # a file system without hard links: a second copy
-                shutil.copyfile(tmp, second)
-        os.replace(tmp, path)
-        if also is not None:  # after path: a kill in between leaves `also` older, never newer, than path
-            os.replace(second, also)
-    except BaseException as e:
-        for leftover in path.parent.glob(f".*.{os.getpid()}.tmp"):
-            leftover.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise GPTError(f"could not write {path}: {e.strerror or e}; the previous checkpoints are untouched") from None
-        raise
-    if os.name == "posix":  # make the renames themselves durable
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises whatever its download raised
+        raise GPTError(
+            "could not load GPT-2's BPE files: tiktoken downloads them on first use, which needs "
+            "network access, and keeps them in the folder named by TIKTOKEN_CACHE_DIR; set "
+            f"TIKTOKEN_CACHE_DIR to a folder that holds them ({type(e).__name__}: {e})".splitlines()[0]
+        ) from None
 
 
-def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint as data only, with a clear error for each way a file can be wrong."""
-    path = Path(path)
-    require(path.exists(), f"checkpoint {str(path)!r} does not exist; train one with: "
-            f"python gpt.py train --out-dir {path.parent}")
-    require(path.is_file(), f"checkpoint {str(path)!r} is not a file")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise GPTError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    try:
-        with warnings.catch_warnings():  # torch warns about odd pickles; the one-line error below says more
-            warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch.load raises many types; each means "not a readable checkpoint"
-        if "Weights only load failed" in str(e):
-            raise GPTError(f"refused to load {path}: it holds Python objects that could run code when "
-                           f"unpickled, and gpt.py loads checkpoints as data only") from None
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GPTError(f"{path} is not a readable checkpoint (truncated, or not written by gpt.py): {reason}") from None
-    require(isinstance(checkpoint, dict), f"{path} is not a gpt.py checkpoint: it holds a {type(checkpoint).__name__}")
-    version = checkpoint.get("format")
-    require(version == CHECKPOINT_FORMAT, f"{path} has checkpoint format {version!r}; this gpt.py reads format "
-            f"{CHECKPOINT_FORMAT}")
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    require(not missing, f"{path} is not a complete checkpoint: it lacks {', '.join(missing)}")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint, path="checkpoint"):
-    """-> (GPT with the checkpoint's weights, its tokenizer)."""
-    try:
-        model = GPT(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model_state"])
-    except (TypeError, RuntimeError, KeyError) as e:
-        raise GPTError(f"{path}: its weights do not fit its config ({str(e).splitlines()[0]})") from None
-    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-    require(tokenizer.vocab_size == model.config.vocab_size, f"{path}: the tokenizer has {tokenizer.vocab_size} "
-            f"tokens but the model {model.config.vocab_size}")
-    return model, tokenizer
-
-
-# ----------------------------------------------------------------------------------------------
-# 8. Training
+# ---- 12. Training runs -----------------------------------------------------------------------
 #
-# Each step: take a batch of random windows, compute the loss (how surprised the model is by
-# each next token), backpropagate, clip the gradient, let AdamW update the weights. Every
-# eval_interval steps, measure the loss on held-out text; keep the weights whose validation
-# loss is best (ckpt.pt) and the latest state (last.pt), from which --resume continues.
-# ----------------------------------------------------------------------------------------------
+# train() (section 5) is the loop; a TrainingRun is everything around it. Before anything is
+# written it checks every input: the flags, the data, a checkpoint to resume and whether its
+# shape and tokenizer agree with the flags, the out-dir. It then builds or restores the model,
+# the optimizer and the random generators. While the loop runs, it evaluates and saves
+# (ckpt.pt: the weights with the best validation loss; last.pt: the latest state, from which
+# --resume continues), logs progress with tokens/s, MFU and an ETA, stops on a NaN with the
+# last good val loss, and on Ctrl-C finishes the step and saves.
+#
+# Each setting is a field of TrainConfig, and each field is also a command-line flag: option()
+# keeps the flag's help text beside its default (section 15 builds the parser from them).
 
-LOG_EVERY_SECONDS = 3  # a long run is never silent for longer
+def option(default, help, **argparse_kwargs):
+    """A dataclass field that is also a command-line flag: its default and its --help text."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+def flag(name):
+    """A field name as its command-line flag: block_size -> block-size."""
+    return name.replace("_", "-")
+
+
+def check_model_config(config):
+    """GPTConfig's check (section 1): a clear error for a shape no model can have."""
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        value = getattr(config, name)
+        require(isinstance(value, int) and value > 0, f"{name} must be a positive whole number, got {value!r}")
+    require(config.n_embd % config.n_head == 0, f"n_embd ({config.n_embd}) must be divisible by n_head "
+            f"({config.n_head}): each head gets n_embd // n_head channels")
+    require(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
 
 
 @dataclass
@@ -905,7 +1250,7 @@ class TrainConfig:
     resume: bool = option(False, "continue the run saved in --out-dir, from last.pt; flags you give override its "
                           "settings (a larger --max-iters keeps the saved learning-rate schedule)")
     device: str = option("auto", "where to train; auto picks cuda, then mps, then cpu", choices=DEVICES)
-    dtype: str = option("auto", "number format of the matmuls (see section 6 of gpt.py)", choices=("auto", *DTYPES))
+    dtype: str = option("auto", "number format of the matmuls (see section 7 of gpt.py)", choices=("auto", *DTYPES))
     compile: bool = option(False, "torch.compile the model (slow to start; pays on GPUs, not on CPUs)")
     seed: int = option(1337, "seed for the weights, the batches and dropout")
     n_layer: int = option(None, "transformer blocks", default_text=f"{GPTConfig.n_layer}, or the checkpoint's")
@@ -950,124 +1295,6 @@ class TrainConfig:
                     f"({self.n_head}): each head gets n_embd // n_head channels")
 
 
-def learning_rate(step, cfg):
-    """Linear warm-up (big early updates would wreck the random initial weights): step s of the
-    warm-up uses lr * (s + 1) / warmup_iters. Then a cosine decay to min_lr (GPT-3, appendix B;
-    Chinchilla: decay to lr / 10)."""
-    if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / cfg.warmup_iters
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step >= decay_iters:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)  # 0 -> 1
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def make_optimizer(model, cfg):
-    """AdamW. Weight decay pulls weights towards zero; it applies to the matrices (the Linear
-    and Embedding weights), not to biases and LayerNorm gains, whose size has no reason to be
-    small. beta1 0.9 as in GPT-3. The fused kernel does the whole update in one pass."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=True)
-    except RuntimeError:  # this device has no fused AdamW
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
-
-
-def train_step(model, params, optimizer, scaler, next_batch, grad_accum, autocast_ctx, grad_clip):
-    """One optimizer step over grad_accum micro-batches -> the mean loss, as a tensor: reading
-    its value would make the CPU wait for the GPU, so the loop does that only when it logs."""
-    total = torch.zeros((), device=params[0].device)
-    for _ in range(grad_accum):
-        x, y = next_batch()
-        with autocast_ctx:
-            _, loss = model(x, y)
-        scaler.scale(loss / grad_accum).backward()  # gradients add up over the micro-batches
-        total += loss.detach()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)  # one bad batch cannot throw the weights far
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return total / grad_accum
-
-
-@torch.no_grad()
-def estimate_loss(model, data, cfg, block_size, device, autocast_ctx, seed, split):
-    """Mean loss over eval_iters batches. The batches come from their own generator, seeded the
-    same way each time: evaluations are comparable and never disturb the training batches."""
-    model.eval()  # turns dropout off
-    generator = torch.Generator().manual_seed(seed)
-    total = torch.zeros((), device=device)
-    last_report = time.perf_counter()
-    for i in range(cfg.eval_iters):
-        x, y = get_batch(data, block_size, cfg.batch_size, generator)
-        with autocast_ctx:
-            _, loss = model(x.to(device), y.to(device))
-        total += loss
-        if time.perf_counter() - last_report > LOG_EVERY_SECONDS:  # a long evaluation is never silent
-            log(f"evaluating the {split} loss: batch {i + 1}/{cfg.eval_iters}")
-            last_report = time.perf_counter()
-    model.train()
-    return (total / cfg.eval_iters).item()
-
-
-def measure_peak_flops(device, dtype):
-    """The FLOP/s the hardware could reach in dtype, for the MFU (model FLOPs utilisation)
-    figure. On a listed GPU in 16 bits, the card's published dense peak; otherwise a probe: the
-    best of a few large matmuls, which is what a training step mostly does."""
-    if device.type == "cuda" and dtype != torch.float32:
-        name = torch.cuda.get_device_name(device)
-        published = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-                     ("L4", 121e12), ("V100", 125e12), ("T4", 65e12))  # dense bf16/fp16 tensor-core FLOP/s
-        for card, peak in published:
-            if card in name and not (card == "L4" and "L40" in name):
-                return peak
-    n = 1024
-    generator = torch.Generator().manual_seed(0)  # its own: the probe must not move the training's random state
-    a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / 4)
-    return 2 * n**3 / best
-
-
-def duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-@contextlib.contextmanager
-def ctrl_c_finishes_the_step():
-    """While training, the first Ctrl-C (or a `kill`, SIGTERM) asks the loop to stop after the
-    current step: it then saves and exits. A second Ctrl-C stops at once, without saving."""
-    requested = []
-
-    def handler(signum, frame):
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(signum)
-        log(f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: finishing this step, then saving "
-            f"(Ctrl-C again stops at once, without saving)")
-
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
-    try:
-        previous = {s: signal.signal(s, handler) for s in stop_signals}
-    except ValueError:  # not the main thread: leave the signals alone
-        previous = {}
-    try:
-        yield requested
-    finally:
-        for s, handler_before in previous.items():
-            signal.signal(s, handler_before)
-
-
 def resume_path(out_dir):
     """--resume continues from last.pt, the latest state; ckpt.pt if a run left only that."""
     return out_dir / "last.pt" if (out_dir / "last.pt").exists() else out_dir / "ckpt.pt"
@@ -1098,21 +1325,41 @@ def check_writable(out_dir):
         raise GPTError(f"cannot write to --out-dir {str(out_dir)!r}: {e.strerror or e}") from None
 
 
-def train(cfg, resume_checkpoint=None):
-    """Train as cfg says; with cfg.resume, continue from resume_checkpoint (read from
-    cfg.out_dir if not given). -> {"step", "best_val_loss", "history", "interrupted"}."""
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    out_dir = Path(cfg.out_dir)
-    text = read_text(cfg.data)
+@contextlib.contextmanager
+def ctrl_c_finishes_the_step():
+    """While training, the first Ctrl-C (or a `kill`, SIGTERM) asks the loop to stop after the
+    current step: it then saves and exits. A second Ctrl-C stops at once, without saving."""
+    requested = []
 
-    # Everything that can be wrong with the input is checked before anything is written.
-    resume = (resume_checkpoint or load_checkpoint(resume_path(out_dir))) if cfg.resume else None
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        log(f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: finishing this step, then saving "
+            f"(Ctrl-C again stops at once, without saving)")
+
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = {s: signal.signal(s, handler) for s in stop_signals}
+    except ValueError:  # not the main thread: leave the signals alone
+        previous = {}
+    try:
+        yield requested
+    finally:
+        for s, handler_before in previous.items():
+            signal.signal(s, handler_before)
+
+
+def duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def model_for_run(cfg, text, resume, out_dir):
+    """-> (tokenizer, GPTConfig, the GPT with GPT-2's weights or None). The shape and the
+    tokenizer come from the checkpoint being resumed, from --init-from, or from the flags; a
+    flag may repeat a checkpoint's shape but not change it."""
     model = None
-    if resume is None:
-        for name in ("ckpt.pt", "last.pt"):
-            require(not (out_dir / name).exists(), f"{out_dir / name} already holds a training run: continue it with "
-                    f"--resume, or train into another --out-dir")
     if resume is not None:
         tokenizer = tokenizer_from_dict(resume["tokenizer"])
         config = dataclasses.replace(GPTConfig(**resume["config"]), dropout=cfg.dropout)
@@ -1137,171 +1384,171 @@ def train(cfg, resume_checkpoint=None):
                 raise GPTError(f"--{flag(name)} {value} does not match {source}, which has {name} {from_source[name]}")
     require(tokenizer.vocab_size == config.vocab_size, f"{source}: the model has {config.vocab_size} tokens, but "
             f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size}")
-    cfg = dataclasses.replace(cfg, tokenizer=tokenizer.kind, n_layer=config.n_layer, n_head=config.n_head,
-                              n_embd=config.n_embd, block_size=config.block_size)
-    train_data, val_data = split_data(tokenizer.encode(text), config.block_size)
-    check_writable(out_dir)
+    return tokenizer, config, model
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)  # nothing here draws from Python's random; a reader's additions might
-    model = (model or GPT(config)).to(device)
-    params = list(model.parameters())
-    optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    batches = torch.Generator().manual_seed(cfg.seed)
-    step, best_val, history = 0, float("inf"), []
-    if resume is not None:
-        model.load_state_dict(resume["model_state"])
-        optimizer.load_state_dict(resume["optimizer_state"])
-        if "scaler_state" in resume:
-            scaler.load_state_dict(resume["scaler_state"])
-        step, best_val, history = resume["step"], resume["best_val_loss"], resume["history"]
-        rng = resume["rng"]
+
+class TrainingRun:
+    """One training run's state and the work around train()'s loop: see this section's opening."""
+
+    def __init__(self, cfg, resume_checkpoint=None):
+        self.device, self.out_dir = pick_device(cfg.device), Path(cfg.out_dir)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        text = read_text(cfg.data)
+        # Everything that can be wrong with the input is checked before anything is written.
+        resume = (resume_checkpoint or load_checkpoint(resume_path(self.out_dir))) if cfg.resume else None
+        if resume is None:
+            for name in ("ckpt.pt", "last.pt"):
+                require(not (self.out_dir / name).exists(), f"{self.out_dir / name} already holds a training run: "
+                        f"continue it with --resume, or train into another --out-dir")
+        self.tokenizer, config, model = model_for_run(cfg, text, resume, self.out_dir)
+        self.cfg = cfg = dataclasses.replace(cfg, tokenizer=self.tokenizer.kind, n_layer=config.n_layer,
+                                             n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size)
+        self.train_data, self.val_data = split_data(self.tokenizer.encode(text), config.block_size)
+        check_writable(self.out_dir)
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)  # nothing here draws from Python's random; a reader's additions might
+        self.model = (model or GPT(config)).to(self.device)
+        self.params = list(self.model.parameters())
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.batches = torch.Generator().manual_seed(cfg.seed)  # the training windows' own generator
+        self.step, self.best_val, self.history = 0, float("inf"), []
+        if resume is not None:
+            self.restore(resume)
+        self.compiled = torch.compile(self.model) if cfg.compile else self.model  # the same model, unless --compile
+        self.autocast_ctx = autocast(self.device, self.dtype)
+        self.loss = torch.tensor(resume["loss"] if resume is not None else float("nan"))  # the last step's loss
+        self.first_bad_step = torch.full((), -1, device=self.device)  # set on the device, read only when we log
+        self.log_start(resuming=resume is not None)
+
+    def restore(self, checkpoint):
+        """Continue where the checkpoint stopped: weights, optimizer, step, history, random state."""
+        self.model.load_state_dict(checkpoint["model_state"])
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if "scaler_state" in checkpoint:
+            self.scaler.load_state_dict(checkpoint["scaler_state"])
+        self.step, self.best_val, self.history = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["history"]
+        rng = checkpoint["rng"]
         torch.set_rng_state(rng["torch"])
-        batches.set_state(rng["batches"])
+        self.batches.set_state(rng["batches"])
         random.setstate(rng["python"])
-        if device.type in rng:  # dropout's random state on the GPU
-            (torch.cuda if device.type == "cuda" else torch.mps).set_rng_state(rng[device.type])
-    compiled = torch.compile(model) if cfg.compile else model  # the same model, unless --compile
-    autocast_ctx = autocast(device, dtype)
+        if self.device.type in rng:  # dropout's random state on the GPU
+            (torch.cuda if self.device.type == "cuda" else torch.mps).set_rng_state(rng[self.device.type])
 
-    def next_batch():
-        x, y = get_batch(train_data, config.block_size, cfg.batch_size, batches)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    def log_start(self, resuming):
+        """Log what is trained on what, and start the clocks of the progress lines."""
+        cfg, model = self.cfg, self.model
+        config = model.config
+        self.tokens_per_step = cfg.batch_size * config.block_size * cfg.grad_accum
+        self.flops_per_step = flops_per_token(model) * self.tokens_per_step
+        self.peak, self.probed = cfg.peak_flops or measure_peak_flops(self.device, self.dtype), time.perf_counter()
+        log(f"model: {model.num_parameters():,} parameters, {config.n_layer} layers x {config.n_head} heads x "
+            f"{config.n_embd} wide, context {config.block_size}, {self.tokenizer.kind} tokenizer "
+            f"({config.vocab_size} tokens)")
+        log(f"data: {len(self.train_data):,} training and {len(self.val_data):,} validation tokens from {cfg.data}")
+        log(f"device: {self.device.type}, {dtype_name(self.dtype)}, {self.tokens_per_step:,} tokens per step, "
+            f"peak {self.peak / 1e9:,.0f} GFLOP/s" + (f"; resuming at step {self.step}" if resuming else ""))
+        # ms/step counts training steps only; the ETA adds the evaluations to come.
+        self.started = time.perf_counter()
+        self.train_seconds, self.timed_steps, self.eval_seconds = 0.0, 0, 0.0
+        self.last_log_time, self.last_log_step = self.started, self.step
 
-    def make_checkpoint(loss):
-        rng = {"torch": torch.get_rng_state(), "batches": batches.get_state(), "python": random.getstate()}
-        if device.type in ("cuda", "mps"):
-            rng[device.type] = (torch.cuda if device.type == "cuda" else torch.mps).get_rng_state()
-        state = {"format": CHECKPOINT_FORMAT, "model_state": model.state_dict(), "config": dataclasses.asdict(config),
-                 "tokenizer": tokenizer.to_dict(), "step": step, "loss": loss, "best_val_loss": best_val,
-                 "history": history, "optimizer_state": optimizer.state_dict(), "train_args": dataclasses.asdict(cfg),
-                 "rng": rng}
-        if scaler.is_enabled():
-            state["scaler_state"] = scaler.state_dict()
+    def checkpoint(self):
+        """The run's whole state, as section 10 describes it."""
+        rng = {"torch": torch.get_rng_state(), "batches": self.batches.get_state(), "python": random.getstate()}
+        if self.device.type in ("cuda", "mps"):
+            rng[self.device.type] = (torch.cuda if self.device.type == "cuda" else torch.mps).get_rng_state()
+        state = {"format": CHECKPOINT_FORMAT, "model_state": self.model.state_dict(),
+                 "config": dataclasses.asdict(self.model.config), "tokenizer": tokenizer_to_dict(self.tokenizer),
+                 "step": self.step, "loss": float(self.loss), "best_val_loss": self.best_val,
+                 "history": self.history, "optimizer_state": self.optimizer.state_dict(),
+                 "train_args": dataclasses.asdict(self.cfg), "rng": rng}
+        if self.scaler.is_enabled():
+            state["scaler_state"] = self.scaler.state_dict()
         return state
 
-    tokens_per_step = cfg.batch_size * config.block_size * cfg.grad_accum
-    flops_per_step = model.flops_per_token() * tokens_per_step
-    peak, probed = cfg.peak_flops or measure_peak_flops(device, dtype), time.perf_counter()
-    log(f"model: {model.num_parameters():,} parameters, {config.n_layer} layers x {config.n_head} heads x "
-        f"{config.n_embd} wide, context {config.block_size}, {tokenizer.kind} tokenizer ({config.vocab_size} tokens)")
-    log(f"data: {len(train_data):,} training and {len(val_data):,} validation tokens from {cfg.data}")
-    log(f"device: {device.type}, {dtype_name(dtype)}, {tokens_per_step:,} tokens per step, "
-        f"peak {peak / 1e9:,.0f} GFLOP/s" + (f"; resuming at step {step}" if resume is not None else ""))
+    def evaluated_at(self, step):  # a resumed run may start where the last one evaluated
+        return bool(self.history) and self.history[-1]["step"] == step
 
-    first_bad_step = torch.full((), -1, device=device)  # set on the device, read only when we log
-    loss = torch.tensor(resume["loss"] if resume is not None else float("nan"))  # the last step's training loss
-
-    def check_finite():
-        bad = int(first_bad_step)
+    def check_finite(self):
+        bad = int(self.first_bad_step)
         if bad >= 0:
-            last_good = f"{history[-1]['val']:.4f} at step {history[-1]['step']}" if history else "none yet"
+            last_good = f"{self.history[-1]['val']:.4f} at step {self.history[-1]['step']}" if self.history else "none yet"
             raise GPTError(f"training diverged: the loss became NaN or infinite at step {bad} (last good val loss "
-                           f"{last_good}); {out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
+                           f"{last_good}); {self.out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
 
-    def evaluated_at(step):  # a resumed run may start where the last one evaluated
-        return bool(history) and history[-1]["step"] == step
-
-    def evaluate_and_save():
-        nonlocal best_val
-        check_finite()
+    def evaluate_and_save(self):
+        """estimate_loss (section 5) on both splits; save last.pt, and ckpt.pt too when the val
+        loss is the best so far (then one file under both names)."""
+        cfg = self.cfg
+        self.check_finite()
         start = time.perf_counter()
-        losses = {"step": step}
+        losses = {"step": self.step}
         # Seeds of their own (seed + 1, + 2): the same batches at every evaluation, apart from training's.
-        for split, data, seed in (("train", train_data, cfg.seed + 1), ("val", val_data, cfg.seed + 2)):
-            losses[split] = estimate_loss(compiled, data, cfg, config.block_size, device, autocast_ctx, seed, split)
-        require(math.isfinite(losses["val"]), f"training diverged: the val loss is {losses['val']} at step {step}; "
-                f"{out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
-        history.append(losses)
-        if losses["val"] < best_val:  # the latest state is also the best: one file under two names
-            best_val = losses["val"]
-            save_checkpoint(make_checkpoint(float(loss)), out_dir / "ckpt.pt", also=out_dir / "last.pt")
+        for split, data, seed in (("train", self.train_data, cfg.seed + 1), ("val", self.val_data, cfg.seed + 2)):
+            losses[split] = estimate_loss(self.compiled, data, cfg, cfg.block_size, self.device, self.autocast_ctx,
+                                          seed, split)
+        require(math.isfinite(losses["val"]), f"training diverged: the val loss is {losses['val']} at step "
+                f"{self.step}; {self.out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
+        self.history.append(losses)
+        if losses["val"] < self.best_val:
+            self.best_val = losses["val"]
+            save_checkpoint(self.checkpoint(), self.out_dir / "ckpt.pt", also=self.out_dir / "last.pt")
             note = ", best so far: saved ckpt.pt"
         else:
-            save_checkpoint(make_checkpoint(float(loss)), out_dir / "last.pt")
+            save_checkpoint(self.checkpoint(), self.out_dir / "last.pt")
             note = ""
-        seconds = time.perf_counter() - start
-        log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note} ({seconds:.1f}s)")
-        return seconds
+        self.eval_seconds = time.perf_counter() - start
+        log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note} "
+            f"({self.eval_seconds:.1f}s)")
+        if self.step < cfg.max_iters:  # training goes on: a fresh peak now and then, and the log's clock restarts
+            if cfg.peak_flops is None and time.perf_counter() - self.probed > 60:
+                self.peak, self.probed = max(self.peak, measure_peak_flops(self.device, self.dtype)), time.perf_counter()
+            self.last_log_time, self.last_log_step = time.perf_counter(), self.step
 
-    # Timing for the log: ms/step counts training steps only; the ETA adds the evaluations to come.
-    started = time.perf_counter()
-    train_seconds, timed_steps, eval_seconds = 0.0, 0, 0.0
-    last_log_time, last_log_step = started, step
-    with ctrl_c_finishes_the_step() as stop_requested:
-        while step < cfg.max_iters:
-            if step % cfg.eval_interval == 0 and not evaluated_at(step):
-                eval_seconds = evaluate_and_save()
-                if cfg.peak_flops is None and time.perf_counter() - probed > 60:
-                    peak, probed = max(peak, measure_peak_flops(device, dtype)), time.perf_counter()  # keep the best seen
-                last_log_time, last_log_step = time.perf_counter(), step
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = train_step(compiled, params, optimizer, scaler, next_batch, cfg.grad_accum, autocast_ctx,
-                              cfg.grad_clip)
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
-            step += 1
+    def after_step(self, loss, lr, stop_requested):
+        """Note a NaN loss on the device (without waiting for a GPU); log the loss, speed, MFU and
+        ETA every LOG_EVERY_SECONDS, after the first and the last step, and on a stop."""
+        cfg = self.cfg
+        self.loss = loss
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss), self.step - 1,
+                                          self.first_bad_step)  # step - 1: the step that made this loss
+        now = time.perf_counter()
+        due = now - self.last_log_time >= LOG_EVERY_SECONDS or self.timed_steps == 0 or self.step == cfg.max_iters
+        if not (due or stop_requested):
+            return
+        self.check_finite()
+        self.train_seconds += now - self.last_log_time
+        self.timed_steps += self.step - self.last_log_step
+        dt = (now - self.last_log_time) / (self.step - self.last_log_step)
+        evals_left = (cfg.max_iters - 1) // cfg.eval_interval - self.step // cfg.eval_interval + 1
+        eta = (cfg.max_iters - self.step) * self.train_seconds / self.timed_steps + evals_left * self.eval_seconds
+        log(f"step {self.step}/{cfg.max_iters} | loss {float(loss):.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
+            f"{self.tokens_per_step / dt:,.0f} tok/s | MFU {self.flops_per_step / dt / self.peak:.0%} | "
+            f"ETA {duration(eta)}")
+        self.last_log_time, self.last_log_step = now, self.step
 
-            now = time.perf_counter()
-            if now - last_log_time >= LOG_EVERY_SECONDS or timed_steps == 0 or step == cfg.max_iters or stop_requested:
-                check_finite()
-                train_seconds, timed_steps = train_seconds + now - last_log_time, timed_steps + step - last_log_step
-                dt = (now - last_log_time) / (step - last_log_step)
-                evals_left = (cfg.max_iters - 1) // cfg.eval_interval - step // cfg.eval_interval + 1
-                eta = (cfg.max_iters - step) * train_seconds / timed_steps + evals_left * eval_seconds
-                log(f"step {step}/{cfg.max_iters} | loss {float(loss):.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
-                    f"{tokens_per_step / dt:,.0f} tok/s | MFU {flops_per_step / dt / peak:.0%} | ETA {duration(eta)}")
-                last_log_time, last_log_step = now, step
-            if stop_requested:
-                save_checkpoint(make_checkpoint(float(loss)), out_dir / "last.pt")
-                log(f"stopped at step {step}; saved {out_dir / 'last.pt'}. Continue with: "
-                    f"python gpt.py train --resume --out-dir {out_dir}")
-                return {"step": step, "best_val_loss": best_val, "history": history, "interrupted": True}
-        if not evaluated_at(step):
-            evaluate_and_save()
-    log(f"done: {step} steps in {duration(time.perf_counter() - started)}; best val loss {best_val:.4f}, "
-        f"saved in {out_dir / 'ckpt.pt'}; sample with: python gpt.py sample --out-dir {out_dir}")
-    return {"step": step, "best_val_loss": best_val, "history": history, "interrupted": False}
+    def stop(self):
+        save_checkpoint(self.checkpoint(), self.out_dir / "last.pt")
+        log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. Continue with: "
+            f"python gpt.py train --resume --out-dir {self.out_dir}")
+        return {"step": self.step, "best_val_loss": self.best_val, "history": self.history, "interrupted": True}
+
+    def finish(self):
+        log(f"done: {self.step} steps in {duration(time.perf_counter() - self.started)}; best val loss "
+            f"{self.best_val:.4f}, saved in {self.out_dir / 'ckpt.pt'}; sample with: python gpt.py sample "
+            f"--out-dir {self.out_dir}")
+        return {"step": self.step, "best_val_loss": self.best_val, "history": self.history, "interrupted": False}
 
 
-# ----------------------------------------------------------------------------------------------
-# 9. Sampling
+# ---- 13. Sampling runs -----------------------------------------------------------------------
 #
-# The model gives a score (logit) for every possible next token. To write text we turn the
-# scores into probabilities, draw one token, append it, and repeat:
-#   temperature  divides the scores: below 1 sharpens the distribution, above 1 flattens it;
-#                0 means "always the most likely token" (greedy).
-#   top_k        keep only the k most likely tokens.
-#   top_p        keep only the most likely tokens whose probabilities add up to p ("nucleus").
-# The draw runs on the CPU in float32, whatever the device: torch.multinomial on Apple's MPS
-# has returned out-of-range and zero-probability ids (pytorch issues 92752, 98612, 192577;
-# nanoGPT issue 458). Every drawn id is checked before anyone decodes it.
-# ----------------------------------------------------------------------------------------------
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> the next token ids (B, 1), on the CPU."""
-    logits = logits.float().cpu()  # (B, V) -> (B, V) in float32 on the CPU
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits / temperature  # (B, V)
-    if top_k is not None and top_k < logits.size(-1):
-        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))  # (B, V)
-    probs = F.softmax(logits, dim=-1)  # (B, V)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
-        # A token is in the nucleus if the tokens more likely than it add up to less than top_p
-        # (so the most likely token always is).
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # back to vocabulary order
-    next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
-    ids = next_ids.flatten().tolist()
-    if not all(0 <= i < probs.size(-1) and probs[row, i] > 0 for row, i in enumerate(ids)):
-        raise RuntimeError(f"the sampler drew an impossible token id {ids}")
-    return next_ids
-
+# `python gpt.py sample` loads a checkpoint (or GPT-2's weights), streams the text to stdout
+# as it is drawn, and reports tokens/s on stderr. The random draw (sample_next_token, section
+# 6) runs on the CPU in float32, whatever the device: torch.multinomial on Apple's MPS has
+# returned out-of-range and zero-probability ids (pytorch issues 92752, 98612, 192577; nanoGPT
+# issue 458), and every drawn id is checked before anyone decodes it.
 
 def check_sampling_settings(temperature, top_k, top_p, prefix=""):
     """prefix: "--" when the values came from command-line flags."""
@@ -1310,119 +1557,12 @@ def check_sampling_settings(temperature, top_k, top_p, prefix=""):
     require(top_p is None or 0 < top_p <= 1, f"{prefix}top-p must be in (0, 1], got {top_p}")
 
 
-@contextlib.contextmanager
-def onednn_off(when):
-    """One new token makes every matmul a vector-matrix product. PyTorch hands bfloat16 matmuls
-    on a CPU to oneDNN, whose setup per call costs more than the product itself when the input
-    is one row; PyTorch's own kernel is faster there: the 24 vector-matrix products in the
-    default model's blocks took 1.2 ms through oneDNN and 0.5 ms without it. For matrix-matrix
-    products (reading a prompt, training) oneDNN is the fast one."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = previous and not when
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
-
-
-class OneTokenStep:
-    """model(idx, kv_cache=cache) for one new token per row, written flat for speed.
-
-    With a KV cache each step computes a single position, and the arithmetic becomes so small
-    that Python's own work is a large part of the cost: every nn.Module call and every lookup
-    of a submodule or a weight on a module (self.c_attn, .weight) goes through PyTorch's Python
-    code: 59 calls and 135 lookups per token for the default model. This is the same
-    computation as GPT.forward with T = 1, op for op, as one loop over weights looked up once:
-    a step of the default model in bfloat16 took 1.10 ms instead of 1.52 ms (median over 12
-    runs of 255 steps, on the CPU of README.md). A test checks that it gives exactly the logits
-    and the cache that GPT.forward gives. It is for sampling: no dropout (the model in eval mode).
-    """
-
-    def __init__(self, model):
-        t = model.transformer
-        self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, (t.ln_f.weight, t.ln_f.bias)
-        self.head, self.n_head = model.lm_head.weight, model.config.n_head  # head: wte, tied
-        self.block_size = model.config.block_size
-        # Per block: the (weight, bias) of its six layers, in the order the loop uses them, and
-        # which attention to run. (LayerNorm's eps is the default 1e-5, as in Block.)
-        self.layers = [([(m.weight, m.bias) for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc,
-                                                      b.mlp.c_proj)], b.attn.written_out) for b in t.h]
-
-    def __call__(self, idx, cache):
-        """idx (B, 1), the new token of each row -> logits (B, 1, V); the cache grows by one."""
-        B, C, nh = idx.size(0), self.wte.size(1), self.n_head
-        if cache.length >= self.block_size:
-            raise ValueError(f"the KV cache is full: the model has positions for {self.block_size} tokens")
-        x = F.embedding(idx, self.wte) + self.wpe[cache.length]  # (B, 1, C) + (C,): token + position
-        for layer, ((ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj), written_out) in enumerate(self.layers):
-            # attention: x = x + attn(ln_1(x)), as in CausalSelfAttention.forward
-            qkv = F.linear(F.layer_norm(x, (C,), *ln_1), *c_attn)  # (B, 1, 3C)
-            qkv = qkv.view(B, 1, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # (3, B, nh, 1, hs)
-            k, v = cache.store(layer, qkv[1:])  # 2 x (B, nh, T_past + 1, hs)
-            q = qkv[0].to(k.dtype)  # (B, nh, 1, hs)
-            fused = use_fused_attention(q) and not written_out
-            y = causal_attention_fused(q, k, v) if fused else causal_attention_written_out(q, k, v)  # (B, nh, 1, hs)
-            x = x + F.linear(y.to(x.dtype).transpose(1, 2).reshape(B, 1, C), *attn_proj)  # (B, 1, C)
-            # MLP: x = x + mlp(ln_2(x))
-            h = F.gelu(F.linear(F.layer_norm(x, (C,), *ln_2), *c_fc), approximate="tanh")  # (B, 1, 4C)
-            x = x + F.linear(h, *mlp_proj)  # (B, 1, C)
-        cache.length += 1
-        return F.linear(F.layer_norm(x, (C,), *self.ln_f), self.head)  # (B, 1, C) -> (B, 1, V)
-
-
-@torch.inference_mode()
-def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
-                    generator=None):
-    """Yield max_new_tokens new token ids, each (B, 1) on the CPU, one at a time.
-
-    The model can look at block_size tokens at most, so the context is cropped to its last
-    block_size tokens. Without a KV cache, every new token recomputes the whole (cropped)
-    context. With one, the prompt is computed once and then each new token costs one position.
-    While the text fits in block_size, both are the same computation: in float64 they give the
-    same tokens (a test checks it); in float32 and bfloat16 their logits differ by rounding
-    (on a CPU the cache runs attention in float32), so a drawn token can occasionally differ.
-
-    When the cache is full, it keeps the newest half of the context: those block_size // 2
-    tokens are computed again in one pass (at positions 0, 1, ...), and the cache grows from
-    there. Past block_size the cached model so sees between block_size / 2 and block_size
-    tokens of context, where the uncached one always sees block_size; both stay correct GPT
-    computations. Why half: keeping more would refill more often, keeping less would forget
-    more; half costs one extra pass over block_size / 2 tokens every block_size / 2 new tokens.
-    """
-    check_sampling_settings(temperature, top_k, top_p)
-    require(idx.dim() == 2 and idx.size(1) >= 1, f"generate needs a prompt of shape (B, T) with T >= 1, got "
-            f"{tuple(idx.shape)}; start an empty text with the tokenizer's start_token")
-    block_size, device = model.config.block_size, idx.device
-    context = idx[:, -block_size:]  # (B, T) the tokens the model can see
-    cache, pending = KVCache(model.config, idx.size(0)), context  # pending: tokens not in the cache yet
-    one_token_step = OneTokenStep(model)
-    was_training = model.training
-    model.eval()  # no dropout while sampling; the model gets back its mode at the end
-    try:
-        for _ in range(max_new_tokens):
-            if not kv_cache:
-                logits, _ = model(context)  # (B, T, V): the whole context, every time
-            else:
-                if cache.length + pending.size(1) > block_size:  # the cache is full: refill it with the newest half
-                    pending = context[:, -max(1, block_size // 2):]  # (B, block_size // 2)
-                    cache.length = 0
-                if pending.size(1) > 1:  # the prompt, or a refill: one pass over all of it
-                    logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V)
-                else:
-                    with onednn_off(when=device.type == "cpu"):
-                        logits = one_token_step(pending, cache)  # (B, 1, V): only the new position
-            next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, V) -> (B, 1)
-            yield next_id
-            pending = next_id.to(device)
-            context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, T + 1), cropped to block_size
-    finally:
-        model.train(was_training)
-
-
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
-    """idx (B, T) -> (B, T + max_new_tokens): idx followed by the sampled tokens."""
-    new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator))
-    return torch.cat([idx, *(token.to(idx.device) for token in new)], dim=1)
+def checked_draw(next_ids, probs):
+    """next_ids (B, 1) drawn from probs (B, V) -> next_ids, if every id is a token that could be drawn."""
+    ids = next_ids.flatten().tolist()
+    if not all(0 <= i < probs.size(-1) and probs[row, i] > 0 for row, i in enumerate(ids)):
+        raise RuntimeError(f"the sampler drew an impossible token id {ids}")
+    return next_ids
 
 
 @dataclass
@@ -1485,13 +1625,11 @@ def sample(cfg, out=None):
     return count
 
 
-# ----------------------------------------------------------------------------------------------
-# 10. Benchmark
+# ---- 14. Benchmark ---------------------------------------------------------------------------
 #
 # `python gpt.py bench` times the default model on this machine: training steps in float32
 # and in the --dtype auto format (alternating, so both see the same machine), and sampling
 # with and without the KV cache. Results go to stdout as a table; progress to stderr.
-# ----------------------------------------------------------------------------------------------
 
 @dataclass
 class BenchConfig:
@@ -1513,7 +1651,6 @@ def bench(cfg, out=None):
     out = out or sys.stdout
     device = pick_device(cfg.device)
     dtypes = list(dict.fromkeys([torch.float32, pick_dtype("auto", device)]))  # float32 first; once if auto is float32
-    auto = dtypes[-1]
     config, train_cfg = GPTConfig(), TrainConfig()
     torch.manual_seed(0)
     model = GPT(config).to(device)
@@ -1523,8 +1660,15 @@ def bench(cfg, out=None):
     out.write(f"model: the default GPTConfig, {model.num_parameters():,} parameters, batch {train_cfg.batch_size}, "
               f"context {config.block_size}\n")
     out.write("matmul peak: " + ", ".join(f"{dtype_name(d)} {p / 1e9:,.0f} GFLOP/s" for d, p in peaks.items()) + "\n\n")
+    bench_training(model, train_cfg, device, peaks, cfg, out)
+    bench_sampling(model, device, dtypes, cfg, out)
+    out.flush()
 
-    # Training: float32 and the auto format in turn, so that both see the same machine.
+
+def bench_training(model, train_cfg, device, peaks, cfg, out):
+    """Training steps, float32 and the auto format in turn, so that both see the same machine."""
+    config, dtypes = model.config, list(peaks)
+    auto = dtypes[-1]
     optimizer = make_optimizer(model, train_cfg)
     params = list(model.parameters())
     data = torch.randint(config.vocab_size, (100_000,), generator=torch.Generator().manual_seed(0))
@@ -1551,22 +1695,23 @@ def bench(cfg, out=None):
         log(f"training round {round_ + 1}/{cfg.rounds}: " +
             ", ".join(f"{dtype_name(d)} {s[-1] * 1000:.0f} ms/step" for d, s in seconds.items()))
     tokens_per_step = train_cfg.batch_size * config.block_size
-    flops_per_step = model.flops_per_token() * tokens_per_step
-    top = peaks[auto]
+    flops_per_step = flops_per_token(model) * tokens_per_step
     out.write(f"training ({cfg.rounds} alternating rounds of {cfg.steps} steps, medians)\n")
     out.write(f"| number format | ms/step | tokens/s | MFU vs its own peak | MFU vs the {dtype_name(auto)} peak |\n"
               f"|---|---|---|---|---|\n")
     for dtype, s in seconds.items():
         out.write(f"| {dtype_name(dtype)}{' (auto)' if dtype == auto else ''} | {median(s) * 1000:.0f} | "
                   f"{tokens_per_step / median(s):,.0f} | {flops_per_step / median(s) / peaks[dtype]:.0%} | "
-                  f"{flops_per_step / median(s) / top:.0%} |\n")
+                  f"{flops_per_step / median(s) / peaks[auto]:.0%} |\n")
     if len(dtypes) > 1:
         ratios = [a / b for a, b in zip(seconds[torch.float32], seconds[auto])]
         out.write(f"speed-up of {dtype_name(auto)} over float32: {median(ratios):.2f}x (median of the rounds' ratios)\n")
 
-    # Sampling: every variant once per round, in turn. The short run is the longest one from a
-    # one-token prompt that never refills the cache (block_size - 1 new tokens).
-    short, n = config.block_size - 1, cfg.sample_tokens
+
+def bench_sampling(model, device, dtypes, cfg, out):
+    """Sampling: every variant once per round, in turn. The short run is the longest one from a
+    one-token prompt that never refills the cache (block_size - 1 new tokens)."""
+    auto, short, n = dtypes[-1], model.config.block_size - 1, cfg.sample_tokens
     runs = ((short, True), (n, True), (n, False))  # (new tokens, KV cache)
     speed = {(dtype, tokens, kv_cache): [] for dtype in dtypes for tokens, kv_cache in runs}
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -1591,12 +1736,9 @@ def bench(cfg, out=None):
     ratios = [speed[auto, n, True][r] / max(speed[dtype, n, False][r] for dtype in dtypes) for r in range(cfg.rounds)]
     out.write(f"KV cache ({dtype_name(auto)}) over the fastest recomputation, at {n} tokens: "
               f"{median(ratios):.1f}x (median of the rounds' ratios; lowest {min(ratios):.1f}x)\n")
-    out.flush()
 
 
-# ----------------------------------------------------------------------------------------------
-# 11. Command line
-# ----------------------------------------------------------------------------------------------
+# ---- 15. Command line ------------------------------------------------------------------------
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
