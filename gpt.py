@@ -555,12 +555,12 @@ class KVCache:
             dtype = kv_cache_dtype(k)
             self.keys = [k.new_zeros(self.shape, dtype=dtype) for _ in range(self.n_layer)]
             self.values = [v.new_zeros(self.shape, dtype=dtype) for _ in range(self.n_layer)]
-        start, T = self.length, k.size(2)
-        self.keys[layer][:, :, start:start + T] = k  # (B, nh, T, hs) into (B, nh, block_size, hs)
-        self.values[layer][:, :, start:start + T] = v
+        keys, values, start, T = self.keys[layer], self.values[layer], self.length, k.size(2)
+        keys.narrow(2, start, T).copy_(k)  # (B, nh, T, hs) into positions start.. of (B, nh, block_size, hs)
+        values.narrow(2, start, T).copy_(v)
         if layer == self.n_layer - 1:
             self.length += T
-        return self.keys[layer][:, :, :start + T], self.values[layer][:, :, :start + T]  # 2 x (B, nh, T_past + T, hs)
+        return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)  # 2 x (B, nh, T_past + T, hs)
 
     def clear(self):
         self.length = 0  # the stored tensors are overwritten from position 0 on
@@ -803,10 +803,9 @@ class OneTokenStep:
         x = F.embedding(idx, self.wte) + self.wpe[cache.length]  # (B, 1, C) + (C,): token + position
         for layer, ((ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj), written_out) in enumerate(self.layers):
             # attention: x = x + attn(ln_1(x)), as in CausalSelfAttention.forward
-            q, k, v = F.linear(F.layer_norm(x, (C,), *ln_1), *c_attn).split(C, dim=2)  # 3 x (B, 1, C)
-            q = q.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
-            k = k.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
-            v = v.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
+            qkv = F.linear(F.layer_norm(x, (C,), *ln_1), *c_attn)  # (B, 1, 3C)
+            # The same views as the model's split, view and transpose, in three calls instead of seven.
+            q, k, v = qkv.view(B, 1, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, 1, hs)
             k, v = cache.store(layer, k, v)  # 2 x (B, nh, T_past + 1, hs)
             q = q.to(k.dtype)  # (B, nh, 1, hs)
             fused = use_fused_attention(q) and not written_out
