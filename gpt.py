@@ -9,9 +9,8 @@ The model is GPT-2 exactly (Radford et al. 2019, "Language Models are Unsupervis
 Learners", and OpenAI's released code): token and position embeddings, a stack of pre-LayerNorm
 transformer blocks with causal multi-head self-attention and a 4x-wide GELU MLP, a final
 LayerNorm, and an output layer that shares its weights with the token embedding. Its
-parameters carry the names of Hugging Face's GPT-2 checkpoints (h.0.attn.c_attn.weight), which
-follow the variable names of OpenAI's code (model/h0/attn/c_attn/w in its TensorFlow
-checkpoint), so GPT.from_pretrained("gpt2") loads the real weights into it.
+parameters carry the names of Hugging Face's GPT-2 checkpoints, which follow OpenAI's code, so
+GPT.from_pretrained("gpt2") loads the real weights into it.
 
 Part I, the GPT, is the code that runs; read it first, in one sitting. It follows a token from
 text to logits, to a gradient step, to a sampled next token.
@@ -22,11 +21,10 @@ text to logits, to a gradient step, to a sampled next token.
     5. Training         learning-rate schedule, AdamW, one training step, evaluation, the loop
     6. Sampling         temperature, top-k, top-p; recomputing the context; the KV cache
 
-Part II makes it fast, safe and usable; read it when you want to know how. Its sections: 7.
-Devices, 8. Speed, 9. Data files, 10. Checkpoints, 11. GPT-2's weights, 12. Training runs,
-13. Sampling runs, 14. Benchmark, 15. Command line (its opening says what each holds). Part I
-calls into Part II by names that say what happens there, with the section number. Within each
-part nothing is used before it is defined.
+Part II (sections 7 to 15, listed where it begins) makes it fast, safe and usable; read it
+when you want to know how. Part I calls into it by names that say what happens there, with
+the section number. Within each part nothing is used before it is defined, but for the KV
+cache: the model (section 4) takes one, and sampling (section 6) explains it.
 
 Shapes are written in comments with these letters:
     B  batch size (how many sequences at once)     T  time (tokens in a sequence)
@@ -73,13 +71,14 @@ def log(message, end="\n"):
 # ---- 1. Config -------------------------------------------------------------------------------
 #
 # Everything that decides the *shape* of a model, and so which checkpoints it can load. The
-# defaults are a "typical" small model of about 4.8M parameters. GPT-2 small is
-# GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768).
+# defaults are a "typical" small model of about 4.8M parameters, small enough to train on a
+# laptop's CPU. GPT-2 small is GPTConfig(vocab_size=50257, block_size=1024, n_layer=12,
+# n_head=12, n_embd=768).
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 65    # how many different tokens; train sets it from the tokenizer (76 characters
-                            # in input.txt, 50257 for GPT-2's BPE). 65: tinyshakespeare's characters
+    vocab_size: int = 65    # how many different tokens; train sets it from the tokenizer: 76 characters in
+                            # input.txt, 50257 for GPT-2's BPE. (65: the characters of tinyshakespeare)
     block_size: int = 256   # the longest context the model can look at (T <= block_size)
     n_layer: int = 6        # how many transformer blocks are stacked
     n_head: int = 8         # attention heads per block; each looks at hs = n_embd // n_head channels
@@ -126,8 +125,8 @@ class CharTokenizer:
         unknown = sorted(set(text) - self.index.keys())
         if unknown:
             shown = ", ".join(repr(ch) for ch in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-            raise GPTError(f"the character vocabulary ({len(self.chars)} characters of the training "
-                           f"text) lacks {len(unknown)} character(s) of this text: {shown}")
+            raise GPTError(f"the character vocabulary ({len(self.chars)} characters of the training text) lacks "
+                           f"{len(unknown)} character(s) of this text: {shown}")
         return [self.index[ch] for ch in text]
 
     def decode(self, ids):
@@ -168,10 +167,10 @@ class BPETokenizer:
 
 def split_data(ids, block_size):
     """One list of token ids -> (train, val) tensors: the first 90% and the last 10%."""
-    data = torch.tensor(ids, dtype=torch.long)
-    n_train = int(0.9 * len(data))
-    train, val = data[:n_train], data[n_train:]
-    need = 10 * (block_size + 1) + 10  # enough for the 10% validation split to hold one window
+    data = torch.tensor(ids, dtype=torch.long)  # (N,)
+    n_train = int(0.9 * len(data))  # 90/10, as nanoGPT splits tinyshakespeare
+    train, val = data[:n_train], data[n_train:]  # (0.9 N,), (0.1 N,)
+    need = 10 * (block_size + 1) + 10  # 10% of it holds one window (+ 10: int() rounds)
     require(len(train) > block_size and len(val) > block_size, f"the data has {len(data)} tokens: too short "
             f"for one window of block_size + 1 = {block_size + 1} tokens in both the training split (90%) and the "
             f"validation split (10%); give a text of at least {need} tokens or a smaller --block-size")
@@ -189,7 +188,7 @@ def get_batch(data, block_size, batch_size, generator):
 #
 #   idx (B, T) token ids
 #    -> wte(idx) + wpe(0..T-1)              token embedding + position embedding   (B, T, C)
-#    -> n_layer x Block:                    each block is "pre-LayerNorm" (GPT-2, section 2.3):
+#    -> n_layer x Block:                    each block is "pre-LayerNorm" (GPT-2 paper, its 2.3):
 #           x = x + attn(ln_1(x))             tokens exchange information (attention)
 #           x = x + mlp(ln_2(x))              each token thinks on its own (MLP)
 #    -> ln_f                                a final LayerNorm
@@ -197,24 +196,24 @@ def get_batch(data, block_size, batch_size, generator):
 #
 # The additions `x = x + ...` form the "residual stream": each block reads it and writes a
 # correction into it, so gradients flow straight from the loss to the first layer.
-#
-# Attention comes first, twice: written out as the paper gives it, which is what to learn,
-# then as PyTorch's fused kernel, which is what the model runs by default.
 
 def causal_attention_written_out(q, k, v, dropout_p=0.0):
-    """Attention as the paper writes it: softmax(q @ k^T / sqrt(hs) + causal mask) @ v.
+    """Attention as the paper writes it, the version to learn: softmax(q @ k^T / sqrt(hs) + mask) @ v.
 
     q is (B, nh, Tq, hs); k and v are (B, nh, Tk, hs) with Tk >= Tq: the queries are the last
     Tq of the Tk positions (Tq == Tk in training; Tq == 1 when sampling with a KV cache).
     """
     Tq, Tk, hs = q.size(-2), k.size(-2), q.size(-1)
-    # How well each query matches each key. Dividing by sqrt(hs) keeps the scores' variance
-    # near 1 whatever the head size, so the softmax does not saturate (Vaswani et al. 2017).
+    # How well each query matches each key. With entries of variance 1, q . k sums hs terms and
+    # has variance hs; dividing by sqrt(hs) brings it back to 1, so the softmax does not saturate
+    # (one weight near 1, the rest near 0, and gradients near 0) (Vaswani et al. 2017).
     scores = (q / math.sqrt(hs)) @ k.transpose(-2, -1)  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
     # The causal mask. The target at position t is the input at t + 1: a position that could
-    # look ahead would copy its answer instead of predicting it. So the query at position t
-    # sees keys 0..t only: the mask adds 0 there and -inf on the future, whose weight becomes
-    # exp(-inf) = 0. Query i sits at position Tk - Tq + i, hence the diagonal's offset.
+    # look ahead would copy its answer instead of predicting it (and when sampling, the future
+    # does not exist yet). So the query at position t sees keys 0..t only: the mask adds 0 there
+    # and -inf on the future, whose weight becomes exp(-inf) = 0. Query i sits at position
+    # Tk - Tq + i; for Tq = 2 queries after 3 cached keys (Tk = 5):  [0 0 0 0 -inf]
+    #                                                                [0 0 0 0   0 ]
     causal_mask = torch.full((Tq, Tk), float("-inf"), dtype=scores.dtype, device=q.device).triu(Tk - Tq + 1)  # (Tq, Tk)
     scores += causal_mask  # (B, nh, Tq, Tk) + (Tq, Tk); in place, for speed (section 8)
     weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk): each row sums to 1
@@ -244,7 +243,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        # c_attn computes q, k and v for all heads in one matmul: C -> 3C ("c_" for GPT-2's Conv1D).
+        # c_attn computes q, k and v for all heads in one matmul: C -> 3C. ("c_": GPT-2's code
+        # computes its linear layers as 1-wide convolutions, "Conv1D"; a Linear is the same.)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # c_proj mixes the heads' outputs back into the residual stream: C -> C.
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -264,16 +264,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        dtype = q.dtype
         if kv_cache is not None:  # sampling: add this step's keys and values to the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-            q = q.to(k.dtype)  # the cache's number format (section 8)
         dropout_p = self.dropout if self.training else 0.0
-        if use_fused_attention(q) and not self.written_out:  # which one is right and fast here: section 8
-            y = causal_attention_fused(q, k, v, dropout_p)  # (B, nh, T, hs)
-        else:
-            y = causal_attention_written_out(q, k, v, dropout_p)  # (B, nh, T, hs)
-        y = y.to(dtype)  # back from the cache's number format; a no-op without a cache
+        # The fused kernel, except on a device where it is slow or wrong (use_fused_attention, section 8).
+        fused = use_fused_attention(q) and not self.written_out
+        attention = causal_attention_fused if fused else causal_attention_written_out
+        # In the cache's number format, which can be wider than q's (section 8), and back; else no-ops.
+        y = attention(q.to(k.dtype), k, v, dropout_p).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
         return F.dropout(y, self.dropout) if self.training else y
@@ -330,12 +328,14 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),  # the final LayerNorm
         ))
         # The output layer turns a vector back into a score per token. It *is* the token
-        # embedding, transposed ("weight tying", Press & Wolf 2017; GPT-2 does it): a token's
-        # input vector and output vector are one, and the model saves V x C parameters.
+        # embedding ("weight tying", Press & Wolf 2017, who found it also lowers perplexity;
+        # GPT-2 does it): a token's input vector and output vector are one. Both weights are
+        # (V, C), and a Linear computes x @ W^T, so one tensor serves both. It saves V x C
+        # parameters: 38.6M of GPT-2 small's 124M.
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+        self.lm_head.weight = self.transformer.wte.weight  # (V, C)
 
-        # GPT-2's initialisation: every weight from a normal distribution with std 0.02, biases
+        # GPT-2's initialisation, as in OpenAI's code: every weight drawn with std 0.02, biases
         # zero, LayerNorms the identity (PyTorch's default). (OpenAI's code draws wpe with
         # 0.01; like nanoGPT we use 0.02 throughout.) The layers that write into the residual
         # stream (the two c_proj) are scaled down by 1/sqrt(2 * n_layer), as the GPT-2 paper's
@@ -372,7 +372,8 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
         if targets is None:
             return logits, None
-        # Cross-entropy in float32 even under autocast: it sums many small terms.
+        # Cross-entropy in float32 whatever the logits' format (a model cast to bfloat16 makes
+        # bfloat16 logits): it sums many small terms.
         loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))  # (B*T, V) vs (B*T,)
         return logits, loss
 
@@ -390,7 +391,9 @@ class GPT(nn.Module):
 # windows, compute the loss (the mean of -log p(the true next token)), backpropagate to get the
 # gradient of every weight, clip it, and let AdamW update the weights. Every eval_interval
 # steps, the loss on held-out text (validation) says whether the model learns or memorises.
-# The settings come in cfg, a TrainConfig (section 12): one field per command-line flag.
+# The settings come in cfg, a TrainConfig (section 12): one field per command-line flag. Its
+# defaults: batch_size 16, lr 1e-3 warmed up over 100 steps and decayed to min_lr 1e-4 at
+# max_iters 5,000, weight_decay 0.1, beta2 0.99, grad_clip 1.0, evaluation every 500 steps.
 
 def learning_rate(step, cfg):
     """Linear warm-up, then a cosine decay to min_lr (GPT-3, appendix B; Chinchilla: decay to
@@ -422,6 +425,8 @@ def make_optimizer(model, cfg):
 def train_step(model, params, optimizer, scaler, next_batch, grad_accum, autocast_ctx, grad_clip):
     """One optimizer step over grad_accum micro-batches -> the mean loss, as a tensor: reading
     its value would make the CPU wait for the GPU, so the loop does that only when it logs.
+    Accumulating the gradients of several micro-batches gives the step of a batch larger than
+    fits in memory. params: the model's parameters, whose gradient norm is clipped.
 
     Mixed precision (section 7): autocast_ctx runs the matmuls in 16 bits. In float16 small
     gradients would round to zero, so the scaler multiplies the loss by a large factor before
@@ -472,10 +477,11 @@ def train(cfg, resume_checkpoint=None):
         x, y = get_batch(run.train_data, cfg.block_size, cfg.batch_size, run.batches)
         return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
 
-    with ctrl_c_finishes_the_step() as stop_requested:  # section 12
+    with ctrl_c_finishes_the_step() as stop_requested:  # a list that Ctrl-C appends to (section 12)
         while run.step < cfg.max_iters:
+            # estimate_loss on both splits; the best val loss so far -> ckpt.pt, the latest -> last.pt.
+            # (A resumed run can start at a step it has already evaluated.)
             if run.step % cfg.eval_interval == 0 and not run.evaluated_at(run.step):
-                # estimate_loss on both splits; the best val loss so far -> ckpt.pt, the latest -> last.pt
                 run.evaluate_and_save()
             lr = learning_rate(run.step, cfg)
             for group in optimizer.param_groups:
@@ -483,7 +489,9 @@ def train(cfg, resume_checkpoint=None):
             loss = train_step(model, run.params, optimizer, run.scaler, next_batch, cfg.grad_accum,
                               run.autocast_ctx, cfg.grad_clip)
             run.step += 1
-            run.after_step(loss, lr, stop_requested)  # watches for NaN; logs tokens/s, MFU and the ETA
+            # Watches for NaN; logs the loss, tokens/s, the ETA and the MFU (model FLOPs utilisation:
+            # the share of the hardware's peak arithmetic that the model's own FLOPs use).
+            run.after_step(loss, lr, stop_requested)
             if stop_requested:  # Ctrl-C or SIGTERM: save last.pt, say how to resume, stop
                 return run.stop()
         if not run.evaluated_at(run.step):
@@ -500,10 +508,7 @@ def train(cfg, resume_checkpoint=None):
 #   top_k        keep only the k most likely tokens.
 #   top_p        keep only the most likely tokens whose probabilities add up to p ("nucleus").
 # The draw runs on the CPU in float32 whatever the device, and every drawn id is checked before
-# anyone decodes it (section 13 says why).
-#
-# The simple loop runs the model over the whole context for every new token. The KV cache
-# then gives the same tokens while computing only the new position at each step.
+# anyone decodes it: torch.multinomial on Apple's GPUs has drawn impossible ids (section 13).
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> the next token ids (B, 1), on the CPU."""
@@ -520,9 +525,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         # A token is in the nucleus if the tokens more likely than it add up to less than top_p
         # (so the most likely token always is).
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # back to vocabulary order
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V), in vocabulary order
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
-    return checked_draw(next_ids, probs)  # never an id outside the vocabulary or of probability 0: section 13
+    return checked_draw(next_ids, probs)  # never an id outside the vocabulary or of probability 0
 
 
 def sample_by_recomputing(model, context, max_new_tokens, draw):
@@ -556,8 +561,10 @@ class KVCache:
             self.keys = [k.new_zeros(self.shape, dtype=dtype) for _ in range(self.n_layer)]
             self.values = [v.new_zeros(self.shape, dtype=dtype) for _ in range(self.n_layer)]
         keys, values, start, T = self.keys[layer], self.values[layer], self.length, k.size(2)
+        # The cache is made once, at its full size: each step writes into it rather than
+        # concatenating, which would copy every stored position again.
         keys.narrow(2, start, T).copy_(k)  # (B, nh, T, hs) into positions start.. of (B, nh, block_size, hs)
-        values.narrow(2, start, T).copy_(v)
+        values.narrow(2, start, T).copy_(v)  # (B, nh, T, hs) likewise
         if layer == self.n_layer - 1:
             self.length += T
         return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)  # 2 x (B, nh, T_past + T, hs)
@@ -576,16 +583,13 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     more often, keeping less would forget more."""
     block_size, device = model.config.block_size, context.device
     cache, pending = KVCache(model.config, context.size(0)), context  # pending: tokens not in the cache yet
-    one_token_step = OneTokenStep(model)  # model(x, kv_cache=cache) for one token, faster: section 8
+    forward = CachedForward(model)  # model(x, kv_cache=cache)[0], made faster for one new token: section 8
     for _ in range(max_new_tokens):
         if cache.length + pending.size(1) > block_size:  # the cache is full: refill it with the newest half
             pending = context[:, -max(1, block_size // 2):]  # (B, block_size // 2)
             cache.clear()
-        if pending.size(1) > 1:  # the prompt, or a refill: one pass over all of it
-            logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V)
-        else:
-            with onednn_off(when=device.type == "cpu"):  # a faster matmul kernel for one row: section 8
-                logits = one_token_step(pending, cache)  # (B, 1, V): only the new position
+        # The prompt (or a refill) in one pass; after that, only the new token's position.
+        logits = forward(pending, cache)  # (B, T_pending, V)
         next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1)
         yield next_id
         pending = next_id.to(device)
@@ -730,7 +734,8 @@ def synchronize(device):
 #   would mask the gradient again; the matmul's backward does not need its own output, so
 #   overwriting it is safe.
 # - The KV cache's number format (kv_cache_dtype), a matmul kernel for one row (onednn_off) and
-#   a flat one-token step (OneTokenStep) make sampling with the cache fast.
+#   a flat one-token step (OneTokenStep) make sampling with the cache fast; CachedForward is
+#   how the sampler (section 6) calls them.
 # - FLOPs per token and the hardware's peak give the MFU that training logs.
 
 def use_fused_attention(q):
@@ -807,14 +812,28 @@ class OneTokenStep:
             # The same views as the model's split, view and transpose, in three calls instead of seven.
             q, k, v = qkv.view(B, 1, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, 1, hs)
             k, v = cache.store(layer, k, v)  # 2 x (B, nh, T_past + 1, hs)
-            q = q.to(k.dtype)  # (B, nh, 1, hs)
-            fused = use_fused_attention(q) and not written_out
-            y = causal_attention_fused(q, k, v) if fused else causal_attention_written_out(q, k, v)  # (B, nh, 1, hs)
-            x = x + F.linear(y.to(x.dtype).transpose(1, 2).reshape(B, 1, C), *attn_proj)  # (B, 1, C)
+            attention = causal_attention_fused if use_fused_attention(q) and not written_out else \
+                causal_attention_written_out
+            y = attention(q.to(k.dtype), k, v).to(q.dtype)  # (B, nh, 1, hs)
+            x = x + F.linear(y.transpose(1, 2).reshape(B, 1, C), *attn_proj)  # (B, nh, 1, hs) -> (B, 1, C) -> (B, 1, C)
             # MLP: x = x + mlp(ln_2(x))
             h = F.gelu(F.linear(F.layer_norm(x, (C,), *ln_2), *c_fc), approximate="tanh")  # (B, 1, 4C)
             x = x + F.linear(h, *mlp_proj)  # (B, 1, C)
         return F.linear(F.layer_norm(x, (C,), *self.ln_f), self.head)  # (B, 1, C) -> (B, 1, V)
+
+
+class CachedForward:
+    """model(idx, kv_cache=cache)[0] as sampling uses it (section 6): the model's own forward for
+    a prompt, and for one new token the flat OneTokenStep with PyTorch's own matmul kernel."""
+
+    def __init__(self, model):
+        self.model, self.one_token_step = model, OneTokenStep(model)
+
+    def __call__(self, idx, cache):
+        if idx.size(1) > 1:
+            return self.model(idx, kv_cache=cache)[0]  # (B, T, V)
+        with onednn_off(when=idx.device.type == "cpu"):
+            return self.one_token_step(idx, cache)  # (B, 1, V)
 
 
 def flops_per_token(model):
