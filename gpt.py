@@ -78,7 +78,7 @@ def log(message, end="\n"):
 @dataclass
 class GPTConfig:
     vocab_size: int = 65    # how many different tokens; train sets it from the tokenizer: 76 characters in
-                            # input.txt, 50257 for GPT-2's BPE. (65: the characters of tinyshakespeare)
+                            # input.txt, 50257 for GPT-2's BPE (65: tinyshakespeare, another corpus)
     block_size: int = 256   # the longest context the model can look at (T <= block_size)
     n_layer: int = 6        # how many transformer blocks are stacked
     n_head: int = 8         # attention heads per block; each looks at hs = n_embd // n_head channels
@@ -122,11 +122,7 @@ class CharTokenizer:
         return cls(sorted(set(text)))
 
     def encode(self, text):
-        unknown = sorted(set(text) - self.index.keys())
-        if unknown:
-            shown = ", ".join(repr(ch) for ch in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-            raise GPTError(f"the character vocabulary ({len(self.chars)} characters of the training text) lacks "
-                           f"{len(unknown)} character(s) of this text: {shown}")
+        check_characters(self, text)  # one clear error naming any character it lacks: section 9
         return [self.index[ch] for ch in text]
 
     def decode(self, ids):
@@ -170,10 +166,7 @@ def split_data(ids, block_size):
     data = torch.tensor(ids, dtype=torch.long)  # (N,)
     n_train = int(0.9 * len(data))  # 90/10, as nanoGPT splits tinyshakespeare
     train, val = data[:n_train], data[n_train:]  # (0.9 N,), (0.1 N,)
-    need = 10 * (block_size + 1) + 10  # 10% of it holds one window (+ 10: int() rounds)
-    require(len(train) > block_size and len(val) > block_size, f"the data has {len(data)} tokens: too short "
-            f"for one window of block_size + 1 = {block_size + 1} tokens in both the training split (90%) and the "
-            f"validation split (10%); give a text of at least {need} tokens or a smaller --block-size")
+    check_long_enough(len(data), len(val), block_size)  # each split holds a window: section 9
     return train, val
 
 
@@ -188,14 +181,16 @@ def get_batch(data, block_size, batch_size, generator):
 #
 #   idx (B, T) token ids
 #    -> wte(idx) + wpe(0..T-1)              token embedding + position embedding   (B, T, C)
-#    -> n_layer x Block:                    each block is "pre-LayerNorm" (GPT-2 paper, its 2.3):
+#    -> n_layer x Block:                    each block is "pre-LayerNorm" (Radford et al., sec. 2.3):
 #           x = x + attn(ln_1(x))             tokens exchange information (attention)
 #           x = x + mlp(ln_2(x))              each token thinks on its own (MLP)
 #    -> ln_f                                a final LayerNorm
 #    -> lm_head                             (B, T, C) -> (B, T, V): a score for every next token
 #
 # The additions `x = x + ...` form the "residual stream": each block reads it and writes a
-# correction into it, so gradients flow straight from the loss to the first layer.
+# correction into it, so gradients flow straight from the loss to the first layer. With the
+# LayerNorms inside the branches, nothing on that straight path is normalised or squashed,
+# which is why pre-LayerNorm stacks train stably without careful warm-up (Xiong et al. 2020).
 
 def causal_attention_written_out(q, k, v, dropout_p=0.0):
     """Attention as the paper writes it, the version to learn: softmax(q @ k^T / sqrt(hs) + mask) @ v.
@@ -212,10 +207,12 @@ def causal_attention_written_out(q, k, v, dropout_p=0.0):
     # look ahead would copy its answer instead of predicting it (and when sampling, the future
     # does not exist yet). So the query at position t sees keys 0..t only: the mask adds 0 there
     # and -inf on the future, whose weight becomes exp(-inf) = 0. Query i sits at position
-    # Tk - Tq + i; for Tq = 2 queries after 3 cached keys (Tk = 5):  [0 0 0 0 -inf]
-    #                                                                [0 0 0 0   0 ]
+    # Tk - Tq + i. In training (Tq = Tk = 3), and for 2 new queries after 3 cached keys:
+    #     [0 -inf -inf]                 [0 0 0 0 -inf]
+    #     [0    0 -inf]                 [0 0 0 0    0]
+    #     [0    0    0]
     causal_mask = torch.full((Tq, Tk), float("-inf"), dtype=scores.dtype, device=q.device).triu(Tk - Tq + 1)  # (Tq, Tk)
-    scores += causal_mask  # (B, nh, Tq, Tk) + (Tq, Tk); in place, for speed (section 8)
+    scores += causal_mask  # (B, nh, Tq, Tk) + (Tq, Tk); in place: the matmul's backward does not need it
     weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk): each row sums to 1
     weights = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
     return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs): a weighted mean of values
@@ -239,12 +236,14 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention: every token asks a question (query), offers a label (key) and
     a message (value); it collects the messages of earlier tokens whose labels match its
-    question. nh heads do this in parallel on hs-wide slices of the channels."""
+    question. nh heads do this in parallel on hs-wide slices of the channels, so that each can
+    look for something else (the previous character, the start of the word, ...)."""
 
     def __init__(self, config):
         super().__init__()
         # c_attn computes q, k and v for all heads in one matmul: C -> 3C. ("c_": GPT-2's code
-        # computes its linear layers as 1-wide convolutions, "Conv1D"; a Linear is the same.)
+        # computes its linear layers as 1-wide convolutions, "Conv1D": a Linear's computation,
+        # with the weight stored transposed, as section 11 explains.)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # c_proj mixes the heads' outputs back into the residual stream: C -> C.
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -270,7 +269,8 @@ class CausalSelfAttention(nn.Module):
         # The fused kernel, except on a device where it is slow or wrong (use_fused_attention, section 8).
         fused = use_fused_attention(q) and not self.written_out
         attention = causal_attention_fused if fused else causal_attention_written_out
-        # In the cache's number format, which can be wider than q's (section 8), and back; else no-ops.
+        # In the cache's number format and back: on a CPU the cache is float32 even for a bfloat16
+        # model, which is faster there (section 8). Without a cache both are no-ops.
         y = attention(q.to(k.dtype), k, v, dropout_p).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
@@ -335,12 +335,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # (V, C)
 
-        # GPT-2's initialisation, as in OpenAI's code: every weight drawn with std 0.02, biases
-        # zero, LayerNorms the identity (PyTorch's default). (OpenAI's code draws wpe with
-        # 0.01; like nanoGPT we use 0.02 throughout.) The layers that write into the residual
-        # stream (the two c_proj) are scaled down by 1/sqrt(2 * n_layer), as the GPT-2 paper's
-        # section 2.3 says: the stream adds 2 of them per block, and this keeps its variance
-        # from growing with depth.
+        # GPT-2's initialisation: every weight drawn with std 0.02 as in OpenAI's code (which
+        # draws wpe with 0.01; like nanoGPT we use 0.02 throughout), biases zero, LayerNorms the
+        # identity. The paper (sec. 2.3), not its released code, also scales the weights of the
+        # layers that write into the residual stream by 1/sqrt(N), N the number of such layers:
+        # the two c_proj of every block, so N = 2 * n_layer (nanoGPT's reading). This keeps the
+        # stream's variance from growing with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -393,7 +393,8 @@ class GPT(nn.Module):
 # steps, the loss on held-out text (validation) says whether the model learns or memorises.
 # The settings come in cfg, a TrainConfig (section 12): one field per command-line flag. Its
 # defaults: batch_size 16, lr 1e-3 warmed up over 100 steps and decayed to min_lr 1e-4 at
-# max_iters 5,000, weight_decay 0.1, beta2 0.99, grad_clip 1.0, evaluation every 500 steps.
+# max_iters 5,000 (or lr_decay_iters), weight_decay 0.1, beta2 0.99, grad_clip 1.0, evaluation
+# every 500 steps.
 
 def learning_rate(step, cfg):
     """Linear warm-up, then a cosine decay to min_lr (GPT-3, appendix B; Chinchilla: decay to
@@ -469,7 +470,9 @@ def estimate_loss(model, data, cfg, block_size, device, autocast_ctx, seed, spli
 
 def train(cfg, resume_checkpoint=None):
     """Train as cfg says; with cfg.resume, continue the run saved in cfg.out_dir (from
-    resume_checkpoint, if given). -> {"step", "best_val_loss", "history", "interrupted"}."""
+    resume_checkpoint, if given). -> {"step", "best_val_loss", "history", "interrupted"}.
+    The TrainingRun (section 12) builds the model and its optimizer (make_optimizer), evaluates
+    it with estimate_loss (which puts the model back in training mode), and saves."""
     run = TrainingRun(cfg, resume_checkpoint)  # checks the input, builds or restores everything: section 12
     cfg, model, optimizer = run.cfg, run.compiled, run.optimizer  # compiled: the model, or its torch.compile
 
@@ -507,8 +510,8 @@ def train(cfg, resume_checkpoint=None):
 #                0 means "always the most likely token" (greedy).
 #   top_k        keep only the k most likely tokens.
 #   top_p        keep only the most likely tokens whose probabilities add up to p ("nucleus").
-# The draw runs on the CPU in float32 whatever the device, and every drawn id is checked before
-# anyone decodes it: torch.multinomial on Apple's GPUs has drawn impossible ids (section 13).
+# The draw runs on the CPU in float32 whatever the device: torch.multinomial on Apple's GPUs has
+# drawn impossible ids (section 13). As a second guard, every drawn id is checked.
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> the next token ids (B, 1), on the CPU."""
@@ -542,8 +545,9 @@ def sample_by_recomputing(model, context, max_new_tokens, draw):
 
 
 class KVCache:
-    """The keys and values of every position seen so far, in every layer. They never change (a
-    position only looks backwards), so a new token needs only its own position computed. Each
+    """The keys and values of every position seen so far, in every layer. While the context only
+    grows they do not change (a position only looks backwards), so a new token needs only its
+    own position computed. Each
     layer's attention stores its new keys and values and gets back those of all positions so
     far; once the last layer has stored, the cache is that many positions longer."""
 
@@ -576,13 +580,17 @@ class KVCache:
 def sample_with_kv_cache(model, context, max_new_tokens, draw):
     """The same loop with a KV cache: the prompt in one pass, then one new position per token.
 
-    A full cache keeps the newest half of the context: those block_size // 2 tokens are computed
-    again in one pass (at positions 0, 1, ...), and the cache grows from there. So past
-    block_size the model sees between block_size / 2 and block_size tokens, where the simple
-    loop sees block_size; both are correct GPT computations. Half: keeping more would refill
-    more often, keeping less would forget more."""
+    A full cache cannot slide by one token: positions are absolute (wpe), so sliding would move
+    every stored token to a new position and change its keys and values. So a full cache keeps
+    the newest half of the context: those block_size // 2 tokens are computed again in one pass
+    (at positions 0, 1, ...), and the cache grows from there. Past block_size the model so sees
+    between block_size / 2 and block_size tokens, where the simple loop sees block_size; both
+    are correct GPT computations. Half: keeping more would refill more often, less would forget
+    more. (block_size 4, prompt "ab": a b in one pass draw c; c alone draws d, d alone draws e,
+    and the cache is full; so e comes in with d, "de" at positions 0 and 1, and draws f; ...)"""
     block_size, device = model.config.block_size, context.device
-    cache, pending = KVCache(model.config, context.size(0)), context  # pending: tokens not in the cache yet
+    # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
+    cache, pending = KVCache(model.config, context.size(0)), context
     forward = CachedForward(model)  # model(x, kv_cache=cache)[0], made faster for one new token: section 8
     for _ in range(max_new_tokens):
         if cache.length + pending.size(1) > block_size:  # the cache is full: refill it with the newest half
@@ -616,12 +624,6 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         yield from loop(model, idx[:, -model.config.block_size:], max_new_tokens, draw)  # (B, T) the visible tokens
     finally:
         model.train(was_training)
-
-
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
-    """idx (B, T) -> (B, T + max_new_tokens): idx followed by the sampled tokens."""
-    new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator))
-    return torch.cat([idx, *(token.to(idx.device) for token in new)], dim=1)
 
 
 # ==== Part II: making it real =================================================================
@@ -873,6 +875,9 @@ def measure_peak_flops(device, dtype):
 
 
 # ---- 9. Data files ---------------------------------------------------------------------------
+#
+# What can be wrong with a text to train on, each with one clear error: the file (missing,
+# a folder, unreadable, empty, not UTF-8), a character the vocabulary lacks, a text too short.
 
 def read_text(path):
     """Read a UTF-8 text file, with a clear error for every way it can be wrong."""
@@ -890,6 +895,23 @@ def read_text(path):
         line = raw.count(b"\n", 0, e.start) + 1
         raise GPTError(f"data file {str(path)!r} is not UTF-8 text: byte {e.start} (line {line}) "
                        f"is {raw[e.start:e.start + 1]!r}; save it as UTF-8") from None
+
+
+def check_characters(tokenizer, text):
+    """CharTokenizer.encode's check (section 2): every character of text is in the vocabulary."""
+    unknown = sorted(set(text) - tokenizer.index.keys())
+    if unknown:
+        shown = ", ".join(repr(ch) for ch in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        raise GPTError(f"the character vocabulary ({len(tokenizer.chars)} characters of the training text) lacks "
+                       f"{len(unknown)} character(s) of this text: {shown}")
+
+
+def check_long_enough(n_tokens, n_val, block_size):
+    """split_data's check (section 3): both splits hold a window of block_size + 1 tokens."""
+    need = 10 * (block_size + 1) + 10  # the 10% validation split then holds one window (+ 10: a margin)
+    require(n_tokens - n_val > block_size and n_val > block_size, f"the data has {n_tokens} tokens: too short "
+            f"for one window of block_size + 1 = {block_size + 1} tokens in both the training split (90%) and the "
+            f"validation split (10%); give a text of at least {need} tokens or a smaller --block-size")
 
 
 # ---- 10. Checkpoints -------------------------------------------------------------------------
@@ -1581,6 +1603,12 @@ def checked_draw(next_ids, probs):
     if not all(0 <= i < probs.size(-1) and probs[row, i] > 0 for row, i in enumerate(ids)):
         raise RuntimeError(f"the sampler drew an impossible token id {ids}")
     return next_ids
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
+    """generate_stream (section 6), collected: idx (B, T) -> (B, T + max_new_tokens), the prompt and the new tokens."""
+    new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator))
+    return torch.cat([idx, *(token.to(idx.device) for token in new)], dim=1)
 
 
 @dataclass
