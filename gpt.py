@@ -192,6 +192,21 @@ def get_batch(data, block_size, batch_size, generator):
 # LayerNorms inside the branches, nothing on that straight path is normalised or squashed,
 # which is why pre-LayerNorm stacks train stably without careful warm-up (Xiong et al. 2020).
 
+def causal_mask(Tq, Tk, dtype, device):
+    """The causal mask, (Tq, Tk), added to the scores. The target at position t is the input at
+    t + 1: a position that could look ahead would copy its answer instead of predicting it (and
+    when sampling, the future does not exist yet). So the query at position t sees keys 0..t
+    only: the mask adds 0 there and -inf on the future, whose weight becomes exp(-inf) = 0.
+    Query i sits at position Tk - Tq + i. In training (Tq = Tk = 3), and for 2 new queries after
+    3 cached keys:      [0 -inf -inf]            [0 0 0 0 -inf]
+                        [0    0 -inf]            [0 0 0 0    0]
+                        [0    0    0]
+    (Built from comparisons of positions: torch.triu of -inf has given NaN on Apple's GPUs.)"""
+    query_positions = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
+    future = torch.arange(Tk, device=device) > query_positions  # (Tk,) > (Tq, 1) -> (Tq, Tk)
+    return torch.zeros((Tq, Tk), dtype=dtype, device=device).masked_fill(future, float("-inf"))  # (Tq, Tk)
+
+
 def causal_attention_written_out(q, k, v, dropout_p=0.0):
     """Attention as the paper writes it, the version to learn: softmax(q @ k^T / sqrt(hs) + mask) @ v.
 
@@ -203,16 +218,7 @@ def causal_attention_written_out(q, k, v, dropout_p=0.0):
     # has variance hs; dividing by sqrt(hs) brings it back to 1, so the softmax does not saturate
     # (one weight near 1, the rest near 0, and gradients near 0) (Vaswani et al. 2017).
     scores = (q / math.sqrt(hs)) @ k.transpose(-2, -1)  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
-    # The causal mask. The target at position t is the input at t + 1: a position that could
-    # look ahead would copy its answer instead of predicting it (and when sampling, the future
-    # does not exist yet). So the query at position t sees keys 0..t only: the mask adds 0 there
-    # and -inf on the future, whose weight becomes exp(-inf) = 0. Query i sits at position
-    # Tk - Tq + i. In training (Tq = Tk = 3), and for 2 new queries after 3 cached keys:
-    #     [0 -inf -inf]                 [0 0 0 0 -inf]
-    #     [0    0 -inf]                 [0 0 0 0    0]
-    #     [0    0    0]
-    causal_mask = torch.full((Tq, Tk), float("-inf"), dtype=scores.dtype, device=q.device).triu(Tk - Tq + 1)  # (Tq, Tk)
-    scores += causal_mask  # (B, nh, Tq, Tk) + (Tq, Tk); in place: the matmul's backward does not need it
+    scores += causal_mask(Tq, Tk, scores.dtype, q.device)  # (B, nh, Tq, Tk) + (Tq, Tk), in place (section 8)
     weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk): each row sums to 1
     weights = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
     return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs): a weighted mean of values
@@ -413,14 +419,12 @@ def learning_rate(step, cfg):
 def make_optimizer(model, cfg):
     """AdamW. Weight decay pulls weights towards zero; it applies to the matrices (the Linear
     and Embedding weights), not to biases and LayerNorm gains, whose size has no reason to be
-    small. beta1 0.9 as in GPT-3. The fused kernel does the whole update in one pass."""
+    small. beta1 0.9 as in GPT-3. A fused kernel, where there is one, does the update in one pass."""
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=True)
-    except RuntimeError:  # this device has no fused AdamW
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2))
+    fused = use_fused_adamw(matrices + vectors)  # section 7
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=fused)
 
 
 def train_step(model, params, optimizer, scaler, next_batch, grad_accum, autocast_ctx, grad_clip):
@@ -459,7 +463,7 @@ def estimate_loss(model, data, cfg, block_size, device, autocast_ctx, seed, spli
     for i in range(cfg.eval_iters):
         x, y = get_batch(data, block_size, cfg.batch_size, generator)
         with autocast_ctx:
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(to_device(x, device), to_device(y, device))  # to_device: section 7
         total += loss
         if time.perf_counter() - last_report > LOG_EVERY_SECONDS:  # a long evaluation is never silent
             log(f"evaluating the {split} loss: batch {i + 1}/{cfg.eval_iters}")
@@ -478,7 +482,7 @@ def train(cfg, resume_checkpoint=None):
 
     def next_batch():  # random training windows, on the model's device
         x, y = get_batch(run.train_data, cfg.block_size, cfg.batch_size, run.batches)
-        return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        return to_device(x, run.device), to_device(y, run.device)
 
     with ctrl_c_finishes_the_step() as stop_requested:  # a list that Ctrl-C appends to (section 12)
         while run.step < cfg.max_iters:
@@ -650,6 +654,7 @@ import dataclasses  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import mmap  # noqa: E402
+import re  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
@@ -671,7 +676,12 @@ from pathlib import Path  # noqa: E402
 #   CPU:  bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX); there a bfloat16
 #         matmul runs 2.2x faster than a float32 one. Elsewhere float32: emulated bfloat16 is
 #         slower than float32.
-#   MPS:  float32. We have not measured half precision on Apple GPUs.
+#   MPS:  float32. We have not measured half precision on Apple GPUs, and float16 training
+#         there is refused (check_training_dtype).
+#
+# None of this has run here on a GPU: the project's machines have none. The device-specific
+# decisions below are small functions so that tests on a CPU can check them with device
+# objects (torch.device("mps") needs no Apple GPU to exist).
 
 def pick_device(name):
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
@@ -714,6 +724,36 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def non_blocking_copies(device):
+    """Whether a copy to device may return before it is done. Only on CUDA, where the copy then
+    overlaps with the GPU's work. On Apple's MPS a non-blocking copy from a temporary CPU tensor
+    could read freed memory in torch releases before 2.13 (pytorch issues 139550, 189690):
+    silently corrupted batches. On a CPU there is nothing to overlap."""
+    return device.type == "cuda"
+
+
+def to_device(x, device):
+    return x.to(device, non_blocking=non_blocking_copies(device))
+
+
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps")  # where torch has a fused AdamW kernel (since 2.4)
+
+
+def use_fused_adamw(params):
+    """Whether AdamW may use its fused kernel: every parameter a floating-point tensor on a device
+    that has one. Decided up front, because torch checks only in the first step()."""
+    return all(p.device.type in FUSED_ADAMW_DEVICES and torch.is_floating_point(p) for p in params)
+
+
+def check_training_dtype(dtype, device):
+    """float16 training on Apple's MPS is refused: autocast there is missing in torch 2.4, the
+    GradScaler's unscale_ fails in 2.5 to 2.7 (pytorch issue 142397), and the fused MPS Adam
+    ignored the scaler's overflow flag until mid 2026, so an overflow step (routine at the
+    scaler's first scales) turns the weights into NaN."""
+    require(not (device.type == "mps" and dtype == torch.float16), "--dtype float16 cannot train on Apple's "
+            "MPS (its loss scaling has been broken in several torch releases): use --dtype bfloat16 or float32")
+
+
 def synchronize(device):
     """Wait for the GPU to finish what it was given: timings need it (on a CPU, work is never queued)."""
     if device.type == "cuda":
@@ -742,15 +782,17 @@ def synchronize(device):
 
 def use_fused_attention(q):
     """Which attention CausalSelfAttention runs. The fused kernel, except in two cases:
-    - Apple's MPS: its is_causal kernel has let half-precision tokens see the future
-      (pytorch issue 195910). The written-out version is correct there, in every dtype.
+    - Apple's MPS in half precision: its is_causal kernel has let half-precision tokens see the
+      future (pytorch issue 195910); the written-out version is correct there. In float32
+      (what `--dtype auto` picks on MPS) the fused kernel runs, which can spare the memory of
+      the written-out version's (B, nh, T, T) weights (README.md, "Devices").
     - Training in bfloat16 on a CPU with a context up to 512: PyTorch's fused CPU kernel is slow
       to differentiate in bfloat16. Forward + backward of one layer of the default model
       (B 16, nh 8, T 256, hs 32) took 41 ms fused and 27 ms written out on a 2-core AVX-512 CPU;
       in float32, or at T = 1024, the fused kernel is the faster one.
     """
     if q.device.type == "mps":
-        return False
+        return q.dtype == torch.float32
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
         return q.size(-2) > 512
     return True
@@ -850,18 +892,36 @@ def flops_per_token(model):
     return 6 * n_matmul + 12 * c.n_layer * c.block_size * c.n_embd
 
 
+PUBLISHED_PEAKS = {  # dense bf16/fp16 tensor-core FLOP/s per GPU, from NVIDIA's datasheets; SXM unless named
+    "H100": 989e12, "H100 PCIE": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H200 NVL": 835e12,
+    "H800": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "A10": 125e12, "V100": 125e12, "V100 PCIE": 112e12, "T4": 65e12,
+}
+
+
+def published_peak_flops(card):
+    """A CUDA card's name -> its published dense 16-bit peak, or None if it is not listed. Whole
+    words only: "NVIDIA RTX A1000" is no A100, "NVIDIA T400" no T4; "NVL" and "PCIe" pick the variant."""
+    words = re.split(r"[^A-Z0-9]+", card.upper())  # "NVIDIA A100-SXM4-40GB" -> NVIDIA, A100, SXM4, 40GB
+    for family in words:
+        for variant in ("NVL", "PCIE"):
+            if variant in words and f"{family} {variant}" in PUBLISHED_PEAKS:
+                return PUBLISHED_PEAKS[f"{family} {variant}"]
+        if family in PUBLISHED_PEAKS:
+            return PUBLISHED_PEAKS[family]
+    return None
+
+
 def measure_peak_flops(device, dtype):
     """The FLOP/s the hardware could reach in dtype, for the MFU (model FLOPs utilisation)
     figure. On a listed GPU in 16 bits, the card's published dense peak; otherwise a probe: the
-    best of a few large matmuls, which is what a training step mostly does."""
+    best of a few large matmuls, which is what a training step mostly does. On an NVIDIA GPU
+    they are 8192 wide, so that launching them costs little next to computing them."""
     if device.type == "cuda" and dtype != torch.float32:
-        name = torch.cuda.get_device_name(device)
-        published = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-                     ("L4", 121e12), ("V100", 125e12), ("T4", 65e12))  # dense bf16/fp16 tensor-core FLOP/s
-        for card, peak in published:
-            if card in name and not (card == "L4" and "L40" in name):
-                return peak
-    n = 1024
+        peak = published_peak_flops(torch.cuda.get_device_name(device))
+        if peak is not None:
+            return peak
+    n = {"cpu": 1024, "mps": 2048}.get(device.type, 8192)
     generator = torch.Generator().manual_seed(0)  # its own: the probe must not move the training's random state
     a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
     best = float("inf")
@@ -872,6 +932,12 @@ def measure_peak_flops(device, dtype):
         synchronize(device)
         best = min(best, (time.perf_counter() - start) / 4)
     return 2 * n**3 / best
+
+
+def mfu(flops_per_second, peak):
+    """Model FLOPs utilisation: the share of the peak that the model's FLOPs used. Never above 1:
+    a model that did better than the peak shows the peak was too low (a probe can be)."""
+    return flops_per_second / max(peak, flops_per_second)
 
 
 # ---- 9. Data files ---------------------------------------------------------------------------
@@ -1433,6 +1499,7 @@ class TrainingRun:
     def __init__(self, cfg, resume_checkpoint=None):
         self.device, self.out_dir = pick_device(cfg.device), Path(cfg.out_dir)
         self.dtype = pick_dtype(cfg.dtype, self.device)
+        check_training_dtype(self.dtype, self.device)
         text = read_text(cfg.data)
         # Everything that can be wrong with the input is checked before anything is written.
         resume = (resume_checkpoint or load_checkpoint(resume_path(self.out_dir))) if cfg.resume else None
@@ -1558,10 +1625,13 @@ class TrainingRun:
         due = now - self.last_log_time >= LOG_EVERY_SECONDS or self.timed_steps == 0 or self.step == cfg.max_iters
         if not (due or stop_requested):
             return
+        synchronize(self.device)  # a GPU may still be computing the steps it was given: wait, then read the clock
+        now = time.perf_counter()
         self.check_finite()
         self.train_seconds += now - self.last_log_time
         self.timed_steps += self.step - self.last_log_step
         dt = (now - self.last_log_time) / (self.step - self.last_log_step)
+        self.peak = max(self.peak, self.flops_per_step / dt)  # a peak the model beat was too low: MFU <= 100%
         evals_left = (cfg.max_iters - 1) // cfg.eval_interval - self.step // cfg.eval_interval + 1
         eta = (cfg.max_iters - self.step) * self.train_seconds / self.timed_steps + evals_left * self.eval_seconds
         log(f"step {self.step}/{cfg.max_iters} | loss {float(loss):.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
@@ -1722,7 +1792,7 @@ def bench_training(model, train_cfg, device, peaks, cfg, out):
 
     def next_batch():
         x, y = get_batch(data, config.block_size, train_cfg.batch_size, batches)
-        return x.to(device), y.to(device)
+        return to_device(x, device), to_device(y, device)
 
     def one_step(dtype):
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -1747,8 +1817,8 @@ def bench_training(model, train_cfg, device, peaks, cfg, out):
               f"|---|---|---|---|---|\n")
     for dtype, s in seconds.items():
         out.write(f"| {dtype_name(dtype)}{' (auto)' if dtype == auto else ''} | {median(s) * 1000:.0f} | "
-                  f"{tokens_per_step / median(s):,.0f} | {flops_per_step / median(s) / peaks[dtype]:.0%} | "
-                  f"{flops_per_step / median(s) / peaks[auto]:.0%} |\n")
+                  f"{tokens_per_step / median(s):,.0f} | {mfu(flops_per_step / median(s), peaks[dtype]):.0%} | "
+                  f"{mfu(flops_per_step / median(s), peaks[auto]):.0%} |\n")
     if len(dtypes) > 1:
         ratios = [a / b for a, b in zip(seconds[torch.float32], seconds[auto])]
         out.write(f"speed-up of {dtype_name(auto)} over float32: {median(ratios):.2f}x (median of the rounds' ratios)\n")

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import zipfile
 from pathlib import Path
 
@@ -618,7 +619,7 @@ def test_a_checkpoint_made_on_a_gpu_loads_on_cpu(trained, tmp_path):
     path = tmp_path / "from_gpu.pt"
     path.write_bytes(out.getvalue())
     if not torch.cuda.is_available():  # the file really asks for a GPU
-        with pytest.raises(RuntimeError, match="CUDA"):
+        with pytest.raises(Exception, match="CUDA"):  # a RuntimeError, or in older torch an UnpicklingError
             torch.load(path, weights_only=True)
     moved = gpt.load_checkpoint(path, device="cpu")
     model, _ = gpt.model_from_checkpoint(moved)
@@ -975,6 +976,91 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_checkpoin
         checkpoint = gpt.load_checkpoint(Path(cfg.out_dir) / name)
         assert checkpoint["step"] == 0
         assert all(torch.isfinite(t).all() for t in checkpoint["model_state"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# devices this machine does not have: each decision checked with device objects on the CPU
+# ---------------------------------------------------------------------------------------------
+
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")  # objects: no hardware needed
+
+
+def test_copies_to_a_device_are_non_blocking_on_cuda_only():
+    assert gpt.non_blocking_copies(CUDA) and not gpt.non_blocking_copies(MPS) and not gpt.non_blocking_copies(CPU)
+
+
+@quick
+@given(Tk=st.integers(1, 40), data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_the_causal_mask_lets_each_query_see_exactly_the_keys_up_to_its_position(Tk, data, dtype):
+    Tq = data.draw(st.integers(1, Tk))
+    mask = gpt.causal_mask(Tq, Tk, dtype, CPU)
+    assert mask.shape == (Tq, Tk) and mask.dtype == dtype
+    for i in range(Tq):  # query i sits at position Tk - Tq + i
+        for j in range(Tk):
+            assert mask[i, j].item() == (0.0 if j <= Tk - Tq + i else float("-inf"))
+    # the same mask as torch.triu builds (on a CPU, where triu of -inf is right)
+    assert torch.equal(mask, torch.full((Tq, Tk), float("-inf"), dtype=dtype).triu(Tk - Tq + 1))
+
+
+def test_float16_training_on_mps_is_refused_with_a_line_that_names_the_alternatives():
+    with pytest.raises(gpt.GPTError, match="float16.*MPS.*bfloat16 or float32"):
+        gpt.check_training_dtype(torch.float16, MPS)
+    for dtype, device in ((torch.float32, MPS), (torch.bfloat16, MPS), (torch.float16, CUDA), (torch.float16, CPU)):
+        gpt.check_training_dtype(dtype, device)  # allowed
+
+
+def test_the_fused_adamw_decision_is_made_up_front_from_the_parameters():
+    config = gpt.GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    with torch.device("meta"):  # a device with no fused kernel: torch would fail only at the first step()
+        on_meta = gpt.GPT(config)
+    assert not gpt.use_fused_adamw(list(on_meta.parameters()))
+    assert gpt.make_optimizer(on_meta, gpt.TrainConfig()).defaults["fused"] is False
+    on_cpu = gpt.GPT(config)
+    assert gpt.use_fused_adamw(list(on_cpu.parameters()))
+    optimizer = gpt.make_optimizer(on_cpu, gpt.TrainConfig())
+    assert optimizer.defaults["fused"] is True
+    on_cpu(torch.zeros((1, 8), dtype=torch.long), torch.zeros((1, 8), dtype=torch.long))[1].backward()
+    optimizer.step()  # the fused step really runs here
+    assert not gpt.use_fused_adamw([torch.zeros(3, dtype=torch.long)])  # not floating point
+
+
+def test_the_first_log_line_waits_for_the_device_before_reading_the_clock(tmp_path, monkeypatch, capsys):
+    # A GPU returns from a step before computing it. Stand-in: a synchronize that takes 0.3 s,
+    # as waiting for a step's queued work would; the step's logged time must include it.
+    monkeypatch.setattr(gpt, "synchronize", lambda device: time.sleep(0.3))
+    gpt.train(train_cfg(tmp_path, max_iters=2, eval_interval=100, peak_flops=1e12))  # no probe: it syncs too
+    first = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("step 1/"))
+    assert int(first.split(" ms/step")[0].split("| ")[-1]) >= 300, first
+
+
+@pytest.mark.parametrize("card, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12), ("Tesla T4", 65e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12),
+    ("Tesla V100-SXM2-16GB", 125e12), ("Tesla V100-PCIE-32GB", 112e12),
+    ("NVIDIA RTX A1000", None), ("NVIDIA T400", None), ("NVIDIA B200", None), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_published_peaks_are_found_by_whole_card_names(card, peak):
+    assert gpt.published_peak_flops(card) == peak
+
+
+def test_mfu_is_never_above_100_percent(tmp_path, capsys):
+    assert gpt.mfu(2.0, 4.0) == 0.5 and gpt.mfu(8.0, 4.0) == 1.0
+    gpt.train(train_cfg(tmp_path, max_iters=3, eval_interval=100, peak_flops=1.0))  # a peak far too low
+    lines = [line for line in capsys.readouterr().err.splitlines() if "MFU" in line]
+    assert lines and all("MFU 100%" in line for line in lines), lines
+
+
+def test_attention_on_mps_is_fused_in_float32_only_and_a_cpu_trains_bfloat16_written_out():
+    def q(device, dtype, T=256):  # what use_fused_attention looks at: device, dtype, length
+        return types.SimpleNamespace(device=device, dtype=dtype, size=lambda dim: T)
+    assert gpt.use_fused_attention(q(MPS, torch.float32))
+    assert not gpt.use_fused_attention(q(MPS, torch.float16)) and not gpt.use_fused_attention(q(MPS, torch.bfloat16))
+    assert gpt.use_fused_attention(q(CUDA, torch.bfloat16)) and gpt.use_fused_attention(q(CPU, torch.float32))
+    assert not gpt.use_fused_attention(q(CPU, torch.bfloat16))  # training (gradients on), a short context
+    assert gpt.use_fused_attention(q(CPU, torch.bfloat16, T=1024))
+    with torch.no_grad():
+        assert gpt.use_fused_attention(q(CPU, torch.bfloat16))
 
 
 # ---------------------------------------------------------------------------------------------
