@@ -736,13 +736,16 @@ def to_device(x, device):
     return x.to(device, non_blocking=non_blocking_copies(device))
 
 
-FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps")  # where torch has a fused AdamW kernel (since 2.4)
-
-
 def use_fused_adamw(params):
     """Whether AdamW may use its fused kernel: every parameter a floating-point tensor on a device
-    that has one. Decided up front, because torch checks only in the first step()."""
-    return all(p.device.type in FUSED_ADAMW_DEVICES and torch.is_floating_point(p) for p in params)
+    that has one in this torch (MPS's came after 2.4). Decided up front, from the list that
+    torch's own step() checks, because torch checks only in the first step()."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # private, hence the fallback
+        devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # a torch that moved it: the devices that have had the kernel since 2.4
+        devices = ["cpu", "cuda"]
+    return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
 
 
 def check_training_dtype(dtype, device):
