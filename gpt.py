@@ -2,6 +2,7 @@
 
     python gpt.py train            # train a character-level GPT on input.txt (Shakespeare)
     python gpt.py sample           # write text with the checkpoint that training saved
+    python gpt.py inspect          # the likely next tokens after a prompt, and what the model attends to
     python gpt.py bench            # measure this machine: training and sampling speed
     python gpt.py train --help     # every flag, with its default
 
@@ -21,7 +22,7 @@ text to logits, to a gradient step, to a sampled next token.
     5. Training         learning-rate schedule, AdamW, one training step, evaluation, the loop
     6. Sampling         temperature, top-k, top-p; recomputing the context; the KV cache
 
-Part II (sections 7 to 15, listed where it begins) makes it fast, safe and usable; read it
+Part II (sections 7 to 16, listed where it begins) makes it fast, safe and usable; read it
 when you want to know how. Part I calls into it by names that say what happens there, with
 the section number. Within each part nothing is used before it is defined, but for the KV
 cache: the model (section 4) takes one, and sampling (section 6) explains it.
@@ -642,8 +643,9 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
 #                        and the BPE files offline
 #   12. Training runs    settings, resuming, fine-tuning, logging with an ETA, Ctrl-C, divergence
 #   13. Sampling runs    the `sample` command: settings, the safe draw, text streamed token by token
-#   14. Benchmark        how fast this machine trains and samples
-#   15. Command line     `train`, `sample` and `bench`, and one-line errors
+#   14. Pictures         loss.svg from every run; `inspect`: next-token probabilities, attention.svg
+#   15. Benchmark        how fast this machine trains and samples
+#   16. Command line     `train`, `sample`, `inspect` and `bench`, and one-line errors
 # Timings quoted in Part II were measured on the 2-core CPU described in README.md.
 
 # Part II's own tools from the standard library (Part I needs only the imports at the top).
@@ -662,6 +664,7 @@ import signal  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from dataclasses import field  # noqa: E402
+from xml.sax.saxutils import escape as xml_escape  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
@@ -1322,11 +1325,11 @@ def gpt2_bpe_encoding():
 # shape and tokenizer agree with the flags, the out-dir. It then builds or restores the model,
 # the optimizer and the random generators. While the loop runs, it evaluates and saves
 # (ckpt.pt: the weights with the best validation loss; last.pt: the latest state, from which
-# --resume continues), logs progress with tokens/s, MFU and an ETA, stops on a NaN with the
+# --resume continues; loss.svg: the curve so far, section 14), logs progress with tokens/s, MFU and an ETA, stops on a NaN with the
 # last good val loss, and on Ctrl-C finishes the step and saves.
 #
 # Each setting is a field of TrainConfig, and each field is also a command-line flag: option()
-# keeps the flag's help text beside its default (section 15 builds the parser from them).
+# keeps the flag's help text beside its default (section 16 builds the parser from them).
 
 def option(default, help, **argparse_kwargs):
     """A dataclass field that is also a command-line flag: its default and its --help text."""
@@ -1609,6 +1612,7 @@ class TrainingRun:
         else:
             save_checkpoint(self.checkpoint(), self.out_dir / "last.pt")
             note = ""
+        write_atomically(self.out_dir / "loss.svg", loss_curve_svg(self.history))  # section 14
         self.eval_seconds = time.perf_counter() - start
         log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note} "
             f"({self.eval_seconds:.1f}s)")
@@ -1678,6 +1682,17 @@ def checked_draw(next_ids, probs):
     return next_ids
 
 
+def trained_model(out_dir, init_from):
+    """-> (model, tokenizer): GPT-2's weights with --init-from, else the best checkpoint of out_dir."""
+    if init_from is not None:
+        model, tokenizer = GPT.from_pretrained(init_from), BPETokenizer()
+        require(model.config.vocab_size == tokenizer.vocab_size, f"--init-from {init_from}: the model has "
+                f"{model.config.vocab_size} tokens, but GPT-2's BPE has {tokenizer.vocab_size}")
+        return model, tokenizer
+    path = Path(out_dir) / "ckpt.pt"
+    return model_from_checkpoint(load_checkpoint(path), path)
+
+
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
     """generate_stream (section 6), collected: idx (B, T) -> (B, T + max_new_tokens), the prompt and the new tokens."""
     new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator))
@@ -1712,13 +1727,7 @@ def sample(cfg, out=None):
     out = out or sys.stdout
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    if cfg.init_from is not None:
-        model, tokenizer = GPT.from_pretrained(cfg.init_from), BPETokenizer()
-        require(model.config.vocab_size == tokenizer.vocab_size, f"--init-from {cfg.init_from}: the model has "
-                f"{model.config.vocab_size} tokens, but GPT-2's BPE has {tokenizer.vocab_size}")
-    else:
-        path = Path(cfg.out_dir) / "ckpt.pt"
-        model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
+    model, tokenizer = trained_model(cfg.out_dir, cfg.init_from)
     prompt = tokenizer.encode(cfg.prompt) or [tokenizer.start_token]
     if len(prompt) > model.config.block_size:
         log(f"the prompt has {len(prompt)} tokens; the model sees its last {model.config.block_size}")
@@ -1744,7 +1753,203 @@ def sample(cfg, out=None):
     return count
 
 
-# ---- 14. Benchmark ---------------------------------------------------------------------------
+# ---- 14. Pictures ----------------------------------------------------------------------------
+#
+# Two pictures, as SVG: plain text that every browser shows, drawn here without a plotting
+# library. `train` writes loss.svg into its out-dir at every evaluation: the train and val
+# loss against the step, with the best val loss marked (a resumed run draws its whole
+# history). `python gpt.py inspect` runs a model once over a prompt, prints the most likely
+# next tokens, and writes attention.svg: for every layer (rows) and head (columns), how much
+# each token (a row of the heatmap) attends to each earlier token (a column). Those weights
+# are the model's own: the softmax inside causal_attention_written_out (section 4), recorded
+# as the model computes them.
+
+SVG_FONT = 'font-family="sans-serif" font-size="11"'
+SVG_TITLE = 'font-family="sans-serif" font-size="13"'
+
+
+def write_atomically(path, text):
+    """Write text to path through a temporary file and a rename: never half a file (like section 10)."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # left by a write that was killed halfway
+        leftover.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise GPTError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def svg(width, height, body):
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+            f'viewBox="0 0 {width:.0f} {height:.0f}">\n<rect width="100%" height="100%" fill="white"/>\n'
+            + "\n".join(body) + "\n</svg>\n")
+
+
+def nice_ticks(low, high, count=5):
+    """About count round values, 1, 2 or 5 times a power of ten apart, from at most low to at least high."""
+    if high <= low:
+        high = low + 1
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first, last = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
+    return [round(i * step, 10) for i in range(first, last + 1)]
+
+
+def loss_curve_svg(history):
+    """history [{"step", "train", "val"}, ...] -> an SVG of both losses against the step."""
+    width, height, left, right, top, bottom = 640, 400, 60, 20, 30, 50
+    steps = [h["step"] for h in history]
+    losses = [h[split] for h in history for split in ("train", "val")]
+    x_ticks, y_ticks = nice_ticks(0, max(max(steps), 1)), nice_ticks(min(losses), max(losses))
+    x_low, x_high, y_low, y_high = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]  # the axes span their ticks
+
+    def x(step):
+        return left + (step - x_low) / (x_high - x_low) * (width - left - right)
+
+    def y(loss):
+        return height - bottom - (loss - y_low) / max(y_high - y_low, 1e-9) * (height - top - bottom)
+
+    body = [f'<text x="{left}" y="18" {SVG_TITLE}>loss against step</text>',
+            f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+            f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle" {SVG_FONT}>step</text>',
+            f'<text x="14" y="{height / 2}" text-anchor="middle" {SVG_FONT} '
+            f'transform="rotate(-90 14 {height / 2})">loss (cross-entropy)</text>']
+    for t in x_ticks:
+        body.append(f'<line class="x-tick" x1="{x(t):.2f}" y1="{height - bottom}" x2="{x(t):.2f}" '
+                    f'y2="{height - bottom + 5}" stroke="black"/><text class="x-label" x="{x(t):.2f}" '
+                    f'y="{height - bottom + 18}" text-anchor="middle" {SVG_FONT}>{t:g}</text>')
+    for t in y_ticks:
+        body.append(f'<line x1="{left}" y1="{y(t):.2f}" x2="{width - right}" y2="{y(t):.2f}" stroke="#e4e4e4"/>'
+                    f'<line class="y-tick" x1="{left - 5}" y1="{y(t):.2f}" x2="{left}" y2="{y(t):.2f}" '
+                    f'stroke="black"/><text class="y-label" x="{left - 8}" y="{y(t) + 4:.2f}" text-anchor="end" '
+                    f'{SVG_FONT}>{t:g}</text>')
+    for n, (split, color) in enumerate((("train", "#1f77b4"), ("val", "#ff7f0e"))):
+        points = " ".join(f"{x(h['step']):.3f},{y(h[split]):.3f}" for h in history)
+        body.append(f'<polyline class="{split}" points="{points}" fill="none" stroke="{color}" stroke-width="2"/>')
+        legend_x = width - right - 150 + 75 * n  # a legend, top right
+        body.append(f'<line x1="{legend_x}" y1="14" x2="{legend_x + 20}" y2="14" stroke="{color}" stroke-width="2"/>'
+                    f'<text x="{legend_x + 25}" y="18" {SVG_FONT}>{split}</text>')
+    best = min(history, key=lambda h: h["val"])
+    anchor = "end" if x(best["step"]) > width / 2 else "start"  # the label stays inside the picture
+    body.append(f'<circle class="best" cx="{x(best["step"]):.3f}" cy="{y(best["val"]):.3f}" r="5" fill="none" '
+                f'stroke="#d62728" stroke-width="2"/><text x="{x(best["step"]):.2f}" y="{y(best["val"]) - 10:.2f}" '
+                f'text-anchor="{anchor}" {SVG_FONT} fill="#d62728">best val {best["val"]:.4f} at step {best["step"]}</text>')
+    return svg(width, height, body)
+
+
+def visible(token_text):
+    """A token as it can be seen: a newline, a space or a tab drawn as a sign."""
+    return token_text.replace("\n", "\u23ce").replace(" ", "\u2423").replace("\t", "\u21e5")
+
+
+def weight_color(w):
+    """A weight in [0, 1] -> a colour from white (0) to dark blue (1), every channel falling as w grows."""
+    return "#" + "".join(f"{round(255 - w * (255 - end)):02x}" for end in (8, 48, 107))
+
+
+def attention_svg(weights, labels):
+    """weights: per layer, the attention weights (nh, T, T) over T tokens named by labels -> an
+    SVG grid of heatmaps, layers as rows and heads as columns. A cell's colour is its weight
+    (weight_color); the future (above the diagonal) is left blank. Each cell keeps its weight
+    in a data-w attribute, for anyone who wants the numbers."""
+    T, nh, cell, gap = len(labels), weights[0].size(0), 14, 24
+    margin = 14 + 7 * max(len(label) for label in labels)  # room for the token labels
+    size = T * cell
+    width, height = margin + len(weights[0]) * (size + gap), 30 + margin + len(weights) * (size + gap)
+    body = [f'<text x="8" y="18" {SVG_TITLE}>attention weights: a row is a token (query), its '
+            f'cells the tokens it looks at (keys); darker = more</text>']
+    for layer, layer_weights in enumerate(weights):
+        for head in range(nh):
+            x0, y0 = margin + head * (size + gap), 30 + margin + layer * (size + gap)
+            body.append(f'<text x="{x0}" y="{y0 - 4}" {SVG_FONT}>layer {layer}, head {head}</text>'
+                        f'<rect x="{x0}" y="{y0}" width="{size}" height="{size}" fill="none" stroke="#bbb"/>')
+            # In the heatmap's own units: cell (i, j) is the unit square at x = j, y = i.
+            body.append(f'<g class="heatmap" data-layer="{layer}" data-head="{head}" '
+                        f'transform="translate({x0} {y0}) scale({cell})">')
+            for i in range(T):
+                body += [f'<rect x="{j}" y="{i}" width="1" height="1" fill="{weight_color(w)}" data-w="{w:.4f}"/>'
+                         for j, w in enumerate(layer_weights[head, i, :i + 1].tolist())]
+            body.append("</g>")
+            if head == 0:  # the queries' labels, left of each layer's row
+                body += [f'<text x="{x0 - 4}" y="{y0 + i * cell + cell - 3}" text-anchor="end" {SVG_FONT}>'
+                         f'{xml_escape(label)}</text>' for i, label in enumerate(labels)]
+            if layer == 0:  # the keys' labels, above each head's column
+                body += [f'<text x="{x0 + j * cell + cell / 2}" y="{y0 - 18}" text-anchor="start" {SVG_FONT} '
+                         f'transform="rotate(-90 {x0 + j * cell + cell / 2} {y0 - 18})">{xml_escape(label)}</text>'
+                         for j, label in enumerate(labels)]
+    return svg(width, height, body)
+
+
+@contextlib.contextmanager
+def recording_softmax():
+    """Within it, every F.softmax the code calls appends its output to the list it yields. A
+    TorchFunctionMode sees each torch function call: here, the softmax of the written-out
+    attention, whose output is the model's own attention weights."""
+    outputs = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func is F.softmax:
+                outputs.append(result.detach())
+            return result
+
+    with Record():
+        yield outputs
+
+
+@dataclass
+class InspectConfig:
+    out_dir: str = option("out", "folder whose ckpt.pt to inspect; attention.svg is written there")
+    init_from: str = option(None, "inspect GPT-2's weights instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
+                            "local folder or .safetensors file", default_text="the checkpoint in --out-dir")
+    prompt: str = option("ROMEO:\nBut, soft! what light through yonder window breaks?", "text to run the model on")
+    max_tokens: int = option(32, "draw the attention of the prompt's last this many tokens (more is unreadable)")
+    top: int = option(10, "how many of the most likely next tokens to print")
+    svg: str = option(None, "where to write the attention picture", default_text="attention.svg in --out-dir")
+
+    def __post_init__(self):
+        for name in ("max_tokens", "top"):
+            require(getattr(self, name) > 0, f"--{flag(name)} must be a positive whole number, got {getattr(self, name)}")
+
+
+@torch.no_grad()
+def inspect(cfg, out=None):
+    """Print the most likely next tokens after cfg.prompt; draw the attention over its tokens.
+    -> (the top probabilities as (token id, probability) pairs, the weights drawn)."""
+    out = out or sys.stdout
+    model, tokenizer = trained_model(cfg.out_dir, cfg.init_from)
+    ids = tokenizer.encode(cfg.prompt) or [tokenizer.start_token]
+    shown = ids[-min(cfg.max_tokens, model.config.block_size):]
+    if len(shown) < len(ids):
+        log(f"the prompt has {len(ids)} tokens; the picture shows its last {len(shown)}")
+    model.eval()
+    for module in model.modules():  # the written-out attention: its softmax is what is drawn
+        if isinstance(module, CausalSelfAttention):
+            module.written_out = True
+    with recording_softmax() as softmaxes:
+        logits, _ = model(torch.tensor([shown]))  # (1, T, V), in float32 on the CPU
+    weights = [w[0] for w in softmaxes]  # per layer: (1, nh, T, T) -> (nh, T, T)
+    probs = F.softmax(logits[0, -1].double(), dim=-1)  # (V,): the next token after the prompt
+    top = torch.topk(probs, min(cfg.top, probs.numel()))
+    out.write(f"most likely next tokens after {cfg.prompt[-40:]!r}:\n")
+    for p, i in zip(top.values.tolist(), top.indices.tolist()):
+        token = tokenizer.token_bytes(i).decode("utf-8", errors="replace")
+        out.write(f"  {token!r:>12} {p:7.2%} {'#' * round(p * 50)}\n")
+    path = Path(cfg.svg) if cfg.svg else Path(cfg.out_dir) / "attention.svg"
+    labels = [visible(tokenizer.token_bytes(i).decode("utf-8", errors="replace")) for i in shown]
+    check_writable(path.parent)
+    write_atomically(path, attention_svg(weights, labels))
+    log(f"wrote {path}: {len(weights)} layers x {weights[0].size(0)} heads over {len(shown)} tokens")
+    out.flush()
+    return list(zip(top.indices.tolist(), top.values.tolist())), weights
+
+
+# ---- 15. Benchmark ---------------------------------------------------------------------------
 #
 # `python gpt.py bench` times the default model on this machine: training steps in float32
 # and in the --dtype auto format (alternating, so both see the same machine), and sampling
@@ -1857,7 +2062,7 @@ def bench_sampling(model, device, dtypes, cfg, out):
               f"{median(ratios):.1f}x (median of the rounds' ratios; lowest {min(ratios):.1f}x)\n")
 
 
-# ---- 15. Command line ------------------------------------------------------------------------
+# ---- 16. Command line ------------------------------------------------------------------------
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
@@ -1866,11 +2071,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser():
-    parser = ArgumentParser(prog="gpt.py", description="GPT-2 in one file: train it, sample from it, time it.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,bench}")
+    parser = ArgumentParser(prog="gpt.py", description="GPT-2 in one file: train it, sample from it, look inside "
+                            "it, time it.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,inspect,bench}")
     for name, config_class, about in (
         ("train", TrainConfig, "train a GPT on a text file (or fine-tune GPT-2 with --init-from)"),
         ("sample", SampleConfig, "write text with a trained model"),
+        ("inspect", InspectConfig, "print the likely next tokens after a prompt; draw what the model attends to"),
         ("bench", BenchConfig, "time training and sampling of the default model on this machine"),
     ):
         command = commands.add_parser(name, help=about, description=about)
@@ -1897,6 +2104,8 @@ def main(argv=None):
             return 130 if train(cfg, checkpoint)["interrupted"] else 0
         if args.command == "sample":
             sample(SampleConfig(**given))
+        elif args.command == "inspect":
+            inspect(InspectConfig(**given))
         else:
             bench(BenchConfig(**given))
         return 0

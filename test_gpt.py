@@ -8,7 +8,7 @@ attention against the fused kernel, the KV cache against full recomputation, a c
 against the model that wrote it, and the whole model against Hugging Face's GPT-2.
 """
 
-import hashlib
+import contextlib
 import http.server
 import io
 import json
@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -24,6 +25,7 @@ import threading
 import time
 import types
 import zipfile
+from xml.etree import ElementTree
 from pathlib import Path
 
 import pytest
@@ -653,7 +655,8 @@ def test_train_then_sample_end_to_end(tmp_path):
 
 def test_every_setting_is_a_flag_whose_help_shows_its_default():
     helps = {}
-    for command, config_class in (("train", gpt.TrainConfig), ("sample", gpt.SampleConfig), ("bench", gpt.BenchConfig)):
+    for command, config_class in (("train", gpt.TrainConfig), ("sample", gpt.SampleConfig), ("bench", gpt.BenchConfig),
+                                  ("inspect", gpt.InspectConfig)):
         helps[command] = text = run_gpt(command, "--help").stdout
         for field in gpt.dataclasses.fields(config_class):
             assert f"--{gpt.flag(field.name)}" in text, (command, field.name)
@@ -728,6 +731,8 @@ BAD_INPUTS = [  # (what is wrong, the command line, words its one-line error mus
     ("missing checkpoint", ["sample", "--out-dir", "{tmp}/no_run"], ["no_run", "does not exist"]),
     ("sample on unavailable device", ["sample", "--device", unavailable_device()], ["not available"]),
     ("init_from unknown", ["sample", "--init-from", "gpt5"], ["gpt5", "gpt2-medium"]),
+    ("inspect without a checkpoint", ["inspect", "--out-dir", "{tmp}/no_run"], ["no_run", "does not exist"]),
+    ("inspect max_tokens 0", ["inspect", "--max-tokens", "0"], ["--max-tokens", "0"]),
 ]
 
 
@@ -872,8 +877,9 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path)
         for name in ("ckpt.pt", "last.pt"):
             checkpoint = gpt.load_checkpoint(out / name)  # never half-written
             gpt.model_from_checkpoint(checkpoint)
+        ElementTree.parse(out / "loss.svg")  # the picture is never half-written either
         steps.append(gpt.load_checkpoint(out / "last.pt")["step"])
-        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["ckpt.pt", "last.pt"]
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["ckpt.pt", "last.pt", "loss.svg"]
     assert steps == sorted(steps) and steps[-1] > steps[0]  # each run resumed where the last one was killed
     # a leftover temporary file is cleaned up by the next save
     (out / ".last.pt.12345.tmp").write_bytes(b"half a checkpoint")
@@ -881,7 +887,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path)
                               "--eval-interval", "1", "--eval-iters", "1", "--device", "cpu", "--resume"],
                               capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "last.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "last.pt", "loss.svg"]
 
 
 def wait_for(condition, process, seconds=60):
@@ -976,6 +982,121 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_checkpoin
         checkpoint = gpt.load_checkpoint(Path(cfg.out_dir) / name)
         assert checkpoint["step"] == 0
         assert all(torch.isfinite(t).all() for t in checkpoint["model_state"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures: the loss curve and the attention heatmaps
+# ---------------------------------------------------------------------------------------------
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def read_axis(root, axis):
+    """(tick positions, tick values) as the picture shows them to a reader."""
+    ticks = [float(line.get("x1" if axis == "x" else "y1")) for line in root.iter(SVG + "line")
+             if line.get("class") == f"{axis}-tick"]
+    values = [float(text.text) for text in root.iter(SVG + "text") if text.get("class") == f"{axis}-label"]
+    assert len(ticks) == len(values) >= 2
+    return ticks, values
+
+
+def reading(ticks, values, position):
+    """The value at a position on an axis, read off its first and last ticks (a linear axis)."""
+    return values[0] + (position - ticks[0]) * (values[-1] - values[0]) / (ticks[-1] - ticks[0])
+
+
+def test_the_loss_curve_reads_back_to_the_runs_history_with_the_best_val_marked(trained):
+    history = gpt.load_checkpoint(trained / "last.pt")["history"]
+    root = ElementTree.parse(trained / "loss.svg").getroot()
+    x_axis, y_axis = read_axis(root, "x"), read_axis(root, "y")
+    y_span = max(h[s] for h in history for s in ("train", "val")) - min(h[s] for h in history for s in ("train", "val"))
+    for split in ("train", "val"):
+        line = next(p for p in root.iter(SVG + "polyline") if p.get("class") == split)
+        points = [tuple(map(float, point.split(","))) for point in line.get("points").split()]
+        assert len(points) == len(history)
+        for (px, py), h in zip(points, history):
+            assert reading(*x_axis, px) == pytest.approx(h["step"], abs=1e-3)
+            assert reading(*y_axis, py) == pytest.approx(h[split], abs=1e-4 * max(y_span, 1e-3))
+    best = min(history, key=lambda h: h["val"])
+    circle = next(root.iter(SVG + "circle"))
+    assert reading(*x_axis, float(circle.get("cx"))) == pytest.approx(best["step"], abs=1e-3)
+    assert reading(*y_axis, float(circle.get("cy"))) == pytest.approx(best["val"], abs=1e-4 * max(y_span, 1e-3))
+
+
+def test_a_resumed_run_draws_its_whole_history(tmp_path):
+    gpt.train(train_cfg(tmp_path, max_iters=20, eval_interval=10))
+    cfg, checkpoint = gpt.resumed_config({"resume": True, "out_dir": str(tmp_path / "out"), "max_iters": 40})
+    gpt.train(cfg, checkpoint)
+    root = ElementTree.parse(tmp_path / "out" / "loss.svg").getroot()
+    points = next(p for p in root.iter(SVG + "polyline") if p.get("class") == "val").get("points").split()
+    assert len(points) == 5  # steps 0, 10, 20 of the first run, 30 and 40 of the resumed one
+
+
+@pytest.fixture(scope="module")
+def inspected(trained, tmp_path_factory):
+    svg = tmp_path_factory.mktemp("inspect") / "attention.svg"
+    out, err = io.StringIO(), io.StringIO()
+    prompt = "Enter KING:\nWhat, ho!"  # 21 characters: longer than --max-tokens; its last 12 hold a newline
+    with contextlib.redirect_stderr(err):
+        top, weights = gpt.inspect(gpt.InspectConfig(out_dir=str(trained), prompt=prompt, max_tokens=12, svg=str(svg)),
+                                   out)
+    return dict(prompt=prompt, svg=svg, top=top, weights=weights, out=out.getvalue(), err=err.getvalue())
+
+
+def test_inspect_prints_the_softmax_of_the_models_last_logits(inspected, trained):
+    model, tokenizer = gpt.model_from_checkpoint(gpt.load_checkpoint(trained / "ckpt.pt"))
+    with torch.no_grad():
+        logits = model.eval()(torch.tensor([tokenizer.encode(inspected["prompt"])[-12:]]))[0][0, -1]
+    probs = torch.softmax(logits.double(), dim=-1)
+    lines = inspected["out"].splitlines()[1:]
+    assert len(lines) == 10
+    expected = probs.topk(10)
+    for line, p, i in zip(lines, expected.values.tolist(), expected.indices.tolist()):
+        shown, percent, bar = re.fullmatch(r"\s*(.*\S)\s+(\d+\.\d+)% ?(#*)", line).groups()
+        assert shown == repr(tokenizer.decode([i]))  # quoted: a newline reads '\n', a space ' '
+        assert float(percent) == pytest.approx(100 * p, abs=0.006)
+        assert len(bar) == round(50 * p)
+
+
+def test_inspect_draws_the_models_own_attention_weights(inspected, trained):
+    # Layer 0 by hand, independent of gpt.py's attention: embeddings, ln_1, c_attn, one head at a time.
+    model, tokenizer = gpt.model_from_checkpoint(gpt.load_checkpoint(trained / "ckpt.pt"))
+    ids = torch.tensor(tokenizer.encode(inspected["prompt"])[-12:])
+    T, C, nh = len(ids), model.config.n_embd, model.config.n_head
+    block = model.transformer.h[0]
+    with torch.no_grad():
+        x = model.transformer.wte.weight[ids] + model.transformer.wpe.weight[:T]
+        qkv = torch.nn.functional.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias) @ block.attn.c_attn.weight.T \
+            + block.attn.c_attn.bias
+        for head in range(nh):
+            hs = C // nh
+            q, k = qkv[:, head * hs:(head + 1) * hs], qkv[:, C + head * hs:C + (head + 1) * hs]
+            scores = (q @ k.T / math.sqrt(hs)).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+            torch.testing.assert_close(inspected["weights"][0][head], torch.softmax(scores, dim=-1), atol=1e-5, rtol=0)
+    assert len(inspected["weights"]) == model.config.n_layer
+    assert "last 12" in inspected["err"]
+
+
+def test_the_attention_picture_shades_each_weight_and_leaves_the_future_blank(inspected):
+    root = ElementTree.parse(inspected["svg"]).getroot()
+    heatmaps = [g for g in root.iter(SVG + "g") if g.get("class") == "heatmap"]
+    assert len(heatmaps) == len(inspected["weights"]) * inspected["weights"][0].size(0)
+    cells = []
+    for g in heatmaps:
+        layer, head = int(g.get("data-layer")), int(g.get("data-head"))
+        rows = {}
+        for rect in g.iter(SVG + "rect"):
+            i, j, w = int(rect.get("y")), int(rect.get("x")), float(rect.get("data-w"))
+            assert j <= i  # nothing drawn above the diagonal: the future is blank
+            assert w == pytest.approx(inspected["weights"][layer][head, i, j].item(), abs=5e-5)
+            rows[i] = rows.get(i, 0.0) + w
+            cells.append((w, tuple(int(rect.get("fill")[n:n + 2], 16) for n in (1, 3, 5))))
+        assert sorted(rows) == list(range(12)) and all(abs(s - 1) < 12 * 5e-5 for s in rows.values())
+    cells.sort()
+    for (w1, c1), (w2, c2) in zip(cells, cells[1:]):  # darker, channel by channel, as the weight grows
+        assert all(a >= b for a, b in zip(c1, c2)), (w1, c1, w2, c2)
+    labels = [t.text for t in root.iter(SVG + "text")]
+    assert "\u23ce" in labels and "\u2423" in labels  # the newline and the spaces are drawn as signs
 
 
 # ---------------------------------------------------------------------------------------------
