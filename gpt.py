@@ -1854,9 +1854,8 @@ def weight_color(w):
 def attention_svg(weights, labels):
     """weights: per layer, the attention weights (nh, T, T) over T tokens named by labels -> an
     SVG grid of heatmaps, layers as rows and heads as columns. A cell's colour is its weight
-    (weight_color); the future (above the diagonal) is left blank. Each cell keeps its weight
-    in a data-w attribute, for anyone who wants the numbers."""
-    T, nh, cell, gap = len(labels), weights[0].size(0), 14, 24
+    (weight_color); the future (above the diagonal) is left blank."""
+    T, nh, cell, gap = len(labels), weights[0].size(0), 12, 24
     margin = 14 + 7 * max(len(label) for label in labels)  # room for the token labels
     size = T * cell
     width, height = margin + len(weights[0]) * (size + gap), 30 + margin + len(weights) * (size + gap)
@@ -1871,7 +1870,7 @@ def attention_svg(weights, labels):
             body.append(f'<g class="heatmap" data-layer="{layer}" data-head="{head}" '
                         f'transform="translate({x0} {y0}) scale({cell})">')
             for i in range(T):
-                body += [f'<rect x="{j}" y="{i}" width="1" height="1" fill="{weight_color(w)}" data-w="{w:.4f}"/>'
+                body += [f'<rect x="{j}" y="{i}" width="1" height="1" fill="{weight_color(w)}"/>'
                          for j, w in enumerate(layer_weights[head, i, :i + 1].tolist())]
             body.append("</g>")
             if head == 0:  # the queries' labels, left of each layer's row
@@ -1908,7 +1907,7 @@ class InspectConfig:
     init_from: str = option(None, "inspect GPT-2's weights instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
                             "local folder or .safetensors file", default_text="the checkpoint in --out-dir")
     prompt: str = option("ROMEO:\nBut, soft! what light through yonder window breaks?", "text to run the model on")
-    max_tokens: int = option(32, "draw the attention of the prompt's last this many tokens (more is unreadable)")
+    max_tokens: int = option(24, "draw the attention of the prompt's last this many tokens (more is unreadable)")
     top: int = option(10, "how many of the most likely next tokens to print")
     svg: str = option(None, "where to write the attention picture", default_text="attention.svg in --out-dir")
 
