@@ -35,7 +35,6 @@ Shapes are written in comments with these letters:
 """
 
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,24 +46,6 @@ with warnings.catch_warnings():
 import torch.nn as nn
 import torch.nn.functional as F
 import tiktoken
-
-
-class GPTError(ValueError):
-    """A problem a person can act on (a bad flag, an unreadable file, a diverged run): the command
-    line prints it as one line, without a traceback. A bug in gpt.py still shows its traceback."""
-
-
-def require(condition, message):
-    if not condition:
-        raise GPTError(message)
-
-
-LOG_EVERY_SECONDS = 3  # a long job is never silent for longer
-
-
-def log(message, end="\n"):
-    """Progress and diagnostics go to stderr; stdout carries only sampled text (and bench's table)."""
-    print(message, file=sys.stderr, end=end, flush=True)
 
 
 # ==== Part I: the GPT =========================================================================
@@ -87,6 +68,7 @@ class GPTConfig:
     dropout: float = 0.0    # probability of zeroing an activation while training (Hugging Face's
                             # GPT-2 config says 0.1; OpenAI's released code has no dropout)
     bias: bool = True       # GPT-2 has biases in its Linear and LayerNorm layers
+    pos: str = "learned"    # positions: "learned" (GPT-2's wpe) or "rope" (rotations of q and k)
 
     def __post_init__(self):
         check_model_config(self)  # one clear error for a value no model can have: section 12
@@ -112,7 +94,7 @@ class CharTokenizer:
     def __init__(self, chars):
         self.chars = "".join(chars)
         self.index = {ch: i for i, ch in enumerate(self.chars)}
-        require(len(self.index) == len(self.chars) and self.chars,
+        require(len(self.index) == len(self.chars) and self.chars,  # require: else one clear error (Part II)
                 "a character vocabulary needs distinct characters, at least one")
         self.vocab_size = len(self.chars)
         # An empty prompt starts from a new line, where a speech begins in a play.
@@ -182,6 +164,7 @@ def get_batch(data, block_size, batch_size, generator):
 #
 #   idx (B, T) token ids
 #    -> wte(idx) + wpe(0..T-1)              token embedding + position embedding   (B, T, C)
+#                                           (with RoPE, wte(idx) alone: see rope_angles)
 #    -> n_layer x Block:                    each block is "pre-LayerNorm" (Radford et al., sec. 2.3):
 #           x = x + attn(ln_1(x))             tokens exchange information (attention)
 #           x = x + mlp(ln_2(x))              each token thinks on its own (MLP)
@@ -240,6 +223,32 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
     return causal_attention_written_out(q, k, v, dropout_p)
 
 
+# RoPE, rotary position embeddings (Su et al. 2021, RoFormer), is what most models since GPT-2
+# use instead of wpe. Read each pair of channels (x_j, x_{j + hs/2}) of a query or a key as a
+# complex number z_j. At position m, RoPE multiplies z_j by e^{i m theta_j}: a rotation, which
+# keeps lengths. A score is then Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j})
+#   = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}:
+# the positions enter only through m - n, how far apart the two tokens are. The paper pairs
+# neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do. The
+# two differ by a fixed permutation of the channels, the same for q and k, which a dot
+# product does not see (the learned weights of c_attn absorb it).
+
+def rope_angles(positions, hs):
+    """positions (T,) -> cos and sin of the angles m * theta_j, each (T, hs/2), in float64, with
+    theta_j = 10000^(-2j / hs): the first pairs turn fast with the position, the last slowly."""
+    theta = 10000.0 ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)  # (hs/2,)
+    angles = positions.to(torch.float64)[:, None] * theta  # (T, 1) * (hs/2,) -> (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, nh, T, hs) pair by pair, channel j with channel j + hs/2, by the angles of its
+    positions: cos, sin (T, hs/2)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2): the pairs' first and second channels
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs), rotated
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention: every token asks a question (query), offers a label (key) and
     a message (value); it collects the messages of earlier tokens whose labels match its
@@ -256,12 +265,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.n_head = config.n_head
         self.dropout = config.dropout
-        # True: always the written-out version (the tests use it to compare the two).
-        self.written_out = False
+        # "auto" picks the faster or the only right one; the tests and the bench may say which.
+        self.attention = "auto"  # or "written out", or "fused"
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x, kv_cache=None, layer=0, rope=None):
         """x (B, T, C) -> (B, T, C). While sampling, kv_cache holds the keys and values of the
-        earlier positions (a KVCache, section 6) and layer is this block's number; else None."""
+        earlier positions (a KVCache, section 6) and layer is this block's number; else None.
+        rope: RoPE's cos and sin for these positions, if the model uses RoPE."""
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) -> (B, T, 3C) -> 3 x (B, T, C)
@@ -270,11 +280,13 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:  # queries and keys turned by their positions' angles; values are not
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         if kv_cache is not None:  # sampling: add this step's keys and values to the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
         dropout_p = self.dropout if self.training else 0.0
         # The fused kernel, except on a device where it is slow or wrong (use_fused_attention, section 8).
-        fused = use_fused_attention(q) and not self.written_out
+        fused = use_fused_attention(q) if self.attention == "auto" else self.attention == "fused"
         attention = causal_attention_fused if fused else causal_attention_written_out
         # In the cache's number format and back: on a CPU the cache is float32 even for a bfloat16
         # model, which is faster there (section 8). Without a cache both are no-ops.
@@ -313,8 +325,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)  # (B, T, C)
+    def forward(self, x, kv_cache=None, layer=0, rope=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -328,12 +340,15 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # "word token embedding": id -> vector
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # "word position embedding": position -> vector
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),  # the "hidden" layers
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),  # the final LayerNorm
-        ))
+        # GPT-2's layers, in its order and names: the "word token embedding" (id -> vector), the
+        # "word position embedding" (position -> vector; none with RoPE), the "hidden" blocks and a
+        # final LayerNorm.
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
+        if config.pos == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.transformer.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.rope_cache = {}  # with RoPE, its angles' cos and sin, computed once per device (section 8)
         # The output layer turns a vector back into a score per token. It *is* the token
         # embedding ("weight tying", Press & Wolf 2017, who found it also lowers perplexity;
         # GPT-2 does it): a token's input vector and output vector are one. Both weights are
@@ -342,12 +357,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # (V, C)
 
-        # GPT-2's initialisation: every weight drawn with std 0.02 as in OpenAI's code (which
-        # draws wpe with 0.01; like nanoGPT we use 0.02 throughout), biases zero, LayerNorms the
-        # identity. The paper (sec. 2.3), not its released code, also scales the weights of the
-        # layers that write into the residual stream by 1/sqrt(N), N the number of such layers:
-        # the two c_proj of every block, so N = 2 * n_layer (nanoGPT's reading). This keeps the
-        # stream's variance from growing with depth.
+        # GPT-2's initialisation: weights drawn with std 0.02 as in OpenAI's code (which draws wpe
+        # with 0.01; like nanoGPT we use 0.02), biases zero, LayerNorms the identity. The paper
+        # (sec. 2.3), not its code, also scales the layers that write into the residual stream by
+        # 1/sqrt(N), N the number of such layers: two c_proj per block, so N = 2 * n_layer
+        # (nanoGPT's reading). This keeps the stream's variance from growing with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -360,35 +374,34 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # the tied matrix is counted once
 
     def forward(self, idx, targets=None, kv_cache=None):
-        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
-
-        With targets (B, T), loss is the mean cross-entropy of predicting targets[:, t] from
-        idx[:, :t+1]. With a kv_cache, idx holds only the new tokens, placed after the cached ones.
-        """
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None). With targets (B, T), the loss is
+        the mean cross-entropy of predicting targets[:, t] from idx[:, :t+1]. With a kv_cache, idx
+        holds only the new tokens, placed after the cached ones."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"a sequence of {start + T} tokens is longer than block_size "
                              f"{self.config.block_size}, the longest this model has positions for")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) the positions of these tokens
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        if self.config.pos == "learned":
+            x, rope = self.transformer.wte(idx) + self.transformer.wpe(pos), None  # (B, T, C) + (T, C) -> (B, T, C)
+        else:  # RoPE: the positions turn q and k inside attention instead
+            x, rope = self.transformer.wte(idx), rope_for(self, pos)  # (B, T, C); cos, sin (T, hs/2): section 8
         x = F.dropout(x, self.config.dropout) if self.training else x  # embedding dropout (Hugging Face's embd_pdrop)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer)  # (B, T, C) -> (B, T, C)
+            x = block(x, kv_cache, layer, rope)  # (B, T, C) -> (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
         if targets is None:
             return logits, None
-        # Cross-entropy in float32 whatever the logits' format (a model cast to bfloat16 makes
-        # bfloat16 logits): it sums many small terms.
+        # Cross-entropy in float32 whatever the logits' format: it sums many small terms.
         loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))  # (B*T, V) vs (B*T,)
         return logits, loss
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0, block_size=None):
-        """OpenAI's GPT-2 weights in this model: "gpt2" (124M parameters), "gpt2-medium" (355M),
-        "gpt2-large" (774M), "gpt2-xl" (1558M), or a local Hugging Face GPT-2 folder or
-        .safetensors file. Section 11 reads them; block_size crops the 1,024 positions."""
+        """OpenAI's GPT-2 weights in this model: "gpt2" (124M parameters), "gpt2-medium" (355M), "gpt2-large"
+        (774M), "gpt2-xl" (1558M), or a local Hugging Face folder or .safetensors file (section 11)."""
         return load_gpt2(name_or_path, dropout, block_size)
 
 
@@ -398,10 +411,9 @@ class GPT(nn.Module):
 # windows, compute the loss (the mean of -log p(the true next token)), backpropagate to get the
 # gradient of every weight, clip it, and let AdamW update the weights. Every eval_interval
 # steps, the loss on held-out text (validation) says whether the model learns or memorises.
-# The settings come in cfg, a TrainConfig (section 12): one field per command-line flag. Its
-# defaults: batch_size 16, lr 1e-3 warmed up over 100 steps and decayed to min_lr 1e-4 at
-# max_iters 5,000 (or lr_decay_iters), weight_decay 0.1, beta2 0.99, grad_clip 1.0, evaluation
-# every 500 steps.
+# The settings come in cfg, a TrainConfig (section 12), one field per command-line flag; by
+# default batch_size 16, lr 1e-3 (100 warm-up steps) down to min_lr 1e-4 at max_iters 5,000
+# (or lr_decay_iters), weight_decay 0.1, beta2 0.99, grad_clip 1.0, evaluation every 500 steps.
 
 def learning_rate(step, cfg):
     """Linear warm-up, then a cosine decay to min_lr (GPT-3, appendix B; Chinchilla: decay to
@@ -466,7 +478,7 @@ def estimate_loss(model, data, cfg, block_size, device, autocast_ctx, seed, spli
         with autocast_ctx:
             _, loss = model(to_device(x, device), to_device(y, device))  # to_device: section 7
         total += loss
-        if time.perf_counter() - last_report > LOG_EVERY_SECONDS:  # a long evaluation is never silent
+        if time.perf_counter() - last_report > LOG_EVERY_SECONDS:  # a long evaluation is never silent (Part II's log)
             log(f"evaluating the {split} loss: batch {i + 1}/{cfg.eval_iters}")
             last_report = time.perf_counter()
     model.train()
@@ -539,8 +551,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 
 
 def sample_by_recomputing(model, context, max_new_tokens, draw):
-    """The simple loop: every new token runs the model over the whole context again. The model
-    can look at block_size tokens at most, so the context keeps its last block_size tokens."""
+    """The simple loop: each new token runs the model over the whole context, its last block_size tokens."""
     for _ in range(max_new_tokens):
         logits, _ = model(context)  # (B, T, V): the whole context, every time
         next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1): only the last position's scores matter
@@ -551,10 +562,9 @@ def sample_by_recomputing(model, context, max_new_tokens, draw):
 
 class KVCache:
     """The keys and values of every position seen so far, in every layer. While the context only
-    grows they do not change (a position only looks backwards), so a new token needs only its
-    own position computed. Each
-    layer's attention stores its new keys and values and gets back those of all positions so
-    far; once the last layer has stored, the cache is that many positions longer."""
+    grows they do not change (a position only looks backwards), so a new token needs only its own
+    position computed. Each layer's attention stores its new keys and values and gets back those
+    of all positions so far; once the last layer has stored, the cache is that much longer."""
 
     def __init__(self, config, batch_size):
         hs = config.n_embd // config.n_head
@@ -585,14 +595,13 @@ class KVCache:
 def sample_with_kv_cache(model, context, max_new_tokens, draw):
     """The same loop with a KV cache: the prompt in one pass, then one new position per token.
 
-    A full cache cannot slide by one token: positions are absolute (wpe), so sliding would move
-    every stored token to a new position and change its keys and values. So a full cache keeps
-    the newest half of the context: those block_size // 2 tokens are computed again in one pass
-    (at positions 0, 1, ...), and the cache grows from there. Past block_size the model so sees
-    between block_size / 2 and block_size tokens, where the simple loop sees block_size; both
-    are correct GPT computations. Half: keeping more would refill more often, less would forget
-    more. (block_size 4, prompt "ab": a b in one pass draw c; c alone draws d, d alone draws e,
-    and the cache is full; so e comes in with d, "de" at positions 0 and 1, and draws f; ...)"""
+    A full cache cannot slide by one token: learned positions are absolute (wpe), so sliding
+    would give every stored token a new position, and new keys and values. (RoPE's could slide;
+    both refill the same way here.) A full cache keeps the newest half of the context, computed
+    again in one pass at positions 0, 1, ...: past block_size the model sees between block_size
+    / 2 and block_size tokens, where the simple loop sees block_size; both are correct. (Keeping
+    more would refill more often, less would forget more.) With block_size 4 and the prompt "ab":
+    a b draw c; c draws d; d draws e and the cache is full; so "de" goes in at 0 and 1, draws f."""
     block_size, device = model.config.block_size, context.device
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
     cache, pending = KVCache(model.config, context.size(0)), context
@@ -615,9 +624,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     """Yield max_new_tokens new token ids, each (B, 1) on the CPU, one at a time. While the text
     fits in block_size, both loops compute the same thing: the same tokens in float64 (a test
     checks it); in lower precision, rounding can make a drawn token differ now and then."""
-    check_sampling_settings(temperature, top_k, top_p)  # one clear error for a bad value: section 13
-    require(idx.dim() == 2 and idx.size(1) >= 1, f"generate needs a prompt of shape (B, T) with T >= 1, got "
-            f"{tuple(idx.shape)}; start an empty text with the tokenizer's start_token")
+    check_sampling_settings(temperature, top_k, top_p, prompt=idx)  # one clear error for a bad value: section 13
 
     def draw(logits):  # (B, V) -> (B, 1)
         return sample_next_token(logits, temperature, top_k, top_p, generator)
@@ -652,7 +659,9 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
 import argparse  # noqa: E402
 import codecs  # noqa: E402
 import contextlib  # noqa: E402
+import ctypes  # noqa: E402
 import dataclasses  # noqa: E402
+import gc  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import mmap  # noqa: E402
@@ -661,10 +670,31 @@ import os  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import sys  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from dataclasses import field  # noqa: E402
 from xml.sax.saxutils import escape as xml_escape  # noqa: E402
+
+
+# Errors, checks and progress, for every section below (and the few checks Part I calls).
+
+class GPTError(ValueError):
+    """A problem a person can act on (a bad flag, an unreadable file, a diverged run): the command
+    line prints it as one line, without a traceback. A bug in gpt.py still shows its traceback."""
+
+
+def require(condition, message):
+    if not condition:
+        raise GPTError(message)
+
+
+LOG_EVERY_SECONDS = 3  # a long job is never silent for longer
+
+
+def log(message, end="\n"):
+    """Progress and diagnostics go to stderr; stdout carries only sampled text (and bench's table)."""
+    print(message, file=sys.stderr, end=end, flush=True)
 from pathlib import Path  # noqa: E402
 
 
@@ -784,6 +814,7 @@ def synchronize(device):
 # - The KV cache's number format (kv_cache_dtype), a matmul kernel for one row (onednn_off) and
 #   a flat one-token step (OneTokenStep) make sampling with the cache fast; CachedForward is
 #   how the sampler (section 6) calls them.
+# - RoPE's angles are computed once per model and device (rope_for).
 # - FLOPs per token and the hardware's peak give the MFU that training logs.
 
 def use_fused_attention(q):
@@ -841,13 +872,15 @@ class OneTokenStep:
 
     def __init__(self, model):
         t = model.transformer
-        self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, (t.ln_f.weight, t.ln_f.bias)
+        self.wte, self.ln_f = t.wte.weight, (t.ln_f.weight, t.ln_f.bias)
+        self.wpe = t.wpe.weight if model.config.pos == "learned" else None
+        self.model = model if model.config.pos == "rope" else None  # with RoPE: for its angles
         self.head, self.n_head = model.lm_head.weight, model.config.n_head  # head: wte, tied
         self.block_size = model.config.block_size
         # Per block: the (weight, bias) of its six layers, in the order the loop uses them, and
         # which attention to run. (LayerNorm's eps is the default 1e-5, as in Block.)
         self.layers = [([(m.weight, m.bias) for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc,
-                                                      b.mlp.c_proj)], b.attn.written_out) for b in t.h]
+                                                      b.mlp.c_proj)], b.attn.attention) for b in t.h]
 
     def __call__(self, idx, cache):
         """idx (B, 1), the new token of each row -> logits (B, 1, V); the cache grows by one."""
@@ -855,15 +888,20 @@ class OneTokenStep:
         hs = C // nh
         if cache.length >= self.block_size:
             raise ValueError(f"the KV cache is full: the model has positions for {self.block_size} tokens")
-        x = F.embedding(idx, self.wte) + self.wpe[cache.length]  # (B, 1, C) + (C,): token + position
-        for layer, ((ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj), written_out) in enumerate(self.layers):
+        if self.model is None:
+            x, rope = F.embedding(idx, self.wte) + self.wpe[cache.length], None  # (B, 1, C) + (C,): token + position
+        else:
+            x, rope = F.embedding(idx, self.wte), rope_for(self.model, torch.tensor([cache.length], device=idx.device))
+        for layer, ((ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj), choice) in enumerate(self.layers):
             # attention: x = x + attn(ln_1(x)), as in CausalSelfAttention.forward
             qkv = F.linear(F.layer_norm(x, (C,), *ln_1), *c_attn)  # (B, 1, 3C)
             # The same views as the model's split, view and transpose, in three calls instead of seven.
             q, k, v = qkv.view(B, 1, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, 1, hs)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, 1, hs) each
             k, v = cache.store(layer, k, v)  # 2 x (B, nh, T_past + 1, hs)
-            attention = causal_attention_fused if use_fused_attention(q) and not written_out else \
-                causal_attention_written_out
+            fused = use_fused_attention(q) if choice == "auto" else choice == "fused"
+            attention = causal_attention_fused if fused else causal_attention_written_out
             y = attention(q.to(k.dtype), k, v).to(q.dtype)  # (B, nh, 1, hs)
             x = x + F.linear(y.transpose(1, 2).reshape(B, 1, C), *attn_proj)  # (B, nh, 1, hs) -> (B, 1, C) -> (B, 1, C)
             # MLP: x = x + mlp(ln_2(x))
@@ -886,6 +924,17 @@ class CachedForward:
             return self.one_token_step(idx, cache)  # (B, 1, V)
 
 
+def rope_for(model, pos):
+    """RoPE's cos and sin (section 4) for the positions pos (T,), each (T, hs/2). Those of all
+    block_size positions are computed once per device and kept in model.rope_cache (not in its
+    state: checkpoints hold no angles), in float32, or float64 for a float64 model."""
+    key = (pos.device, torch.promote_types(model.transformer.wte.weight.dtype, torch.float32))
+    if key not in model.rope_cache:
+        cos_sin = rope_angles(torch.arange(model.config.block_size), model.config.n_embd // model.config.n_head)
+        model.rope_cache[key] = [t.to(*key) for t in cos_sin]  # 2 x (block_size, hs/2)
+    return [t[pos] for t in model.rope_cache[key]]  # 2 x (T, hs/2)
+
+
 def flops_per_token(model):
     """Floating-point operations to train on one token, forward and backward (PaLM paper,
     appendix B; nanoGPT): 6 per parameter (2 forward, 4 backward: a weight's multiply-add, then
@@ -894,7 +943,7 @@ def flops_per_token(model):
     attention scores and their weighted sum, 12 * L * T * C. The biases and LayerNorm gains are
     not matmul weights: counting them overstates the FLOPs by 0.4% in the default model."""
     c = model.config
-    n_matmul = model.num_parameters() - model.transformer.wpe.weight.numel()
+    n_matmul = model.num_parameters() - (model.transformer.wpe.weight.numel() if c.pos == "learned" else 0)
     return 6 * n_matmul + 12 * c.n_layer * c.block_size * c.n_embd
 
 
@@ -1292,16 +1341,31 @@ def load_gpt2(name_or_path, dropout=0.0, block_size=None):
     """GPT.from_pretrained (section 4): a GPT holding GPT-2's weights, with the given dropout;
     a block_size below 1,024 keeps the first block_size positions (a cheaper context)."""
     config, state = read_gpt2_weights(name_or_path)
-    config = dataclasses.replace(config, dropout=dropout)
+    return model_with_weights(dataclasses.replace(config, dropout=dropout), state, block_size,
+                              f"--init-from {name_or_path}")
+
+
+def model_with_weights(config, state, block_size=None, source="the checkpoint"):
+    """A GPT of config's shape holding the weights of state (GPT's own names), its context set to
+    block_size. A shorter context keeps the first block_size learned positions. A longer one
+    needs RoPE, whose positions are rotations that any position has: a learned wpe has no
+    vector for a position it never saw."""
+    old = config.block_size
+    if block_size is not None and block_size != old:
+        require(block_size < old or config.pos == "rope", f"--block-size {block_size} is longer than the {old} "
+                f"positions that {source} has learned (wpe): nothing is known of position {old} and on. A model "
+                f"trained with --pos rope takes any --block-size; this one takes {old} or less")
+        config = dataclasses.replace(config, block_size=block_size)
+        if "transformer.wpe.weight" in state:  # (old, C) -> (block_size, C)
+            state = {**state, "transformer.wpe.weight": state["transformer.wpe.weight"][:block_size]}
     with torch.device("meta"):  # shapes only: drawing 1.5B random numbers for gpt2-xl would be wasted
         model = GPT(config)
     model.to_empty(device="cpu")
     model.lm_head.weight = model.transformer.wte.weight  # to_empty gave the two names separate tensors
-    model.load_state_dict(state)
-    if block_size is not None and block_size < config.block_size:
-        model.config = dataclasses.replace(model.config, block_size=block_size)
-        kept = model.transformer.wpe.weight[:block_size].detach().clone()  # (1024, C) -> (block_size, C)
-        model.transformer.wpe.weight = nn.Parameter(kept)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        raise GPTError(f"{source}: its weights do not fit its config ({str(e).splitlines()[0]})") from None
     return model
 
 
@@ -1349,6 +1413,9 @@ def check_model_config(config):
     require(config.n_embd % config.n_head == 0, f"n_embd ({config.n_embd}) must be divisible by n_head "
             f"({config.n_head}): each head gets n_embd // n_head channels")
     require(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
+    require(config.pos in ("learned", "rope"), f"pos must be learned or rope, got {config.pos!r}")
+    require(config.pos == "learned" or config.n_embd // config.n_head % 2 == 0, f"RoPE turns pairs of channels: "
+            f"the head size n_embd // n_head = {config.n_embd // config.n_head} must be even")
 
 
 @dataclass
@@ -1357,8 +1424,9 @@ class TrainConfig:
     tokenizer: str = option(None, "char: one token per character; bpe: GPT-2's 50,257 tokens", choices=("char", "bpe"),
                             default_text="char; with --resume the checkpoint's; with --init-from bpe")
     out_dir: str = option("out", "folder for ckpt.pt (best validation loss) and last.pt (latest state)")
-    init_from: str = option(None, "start from GPT-2's weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
-                            "local folder or .safetensors file (the shape comes from it)", default_text="a new model")
+    init_from: str = option(None, "start from GPT-2's weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local "
+                            "folder or .safetensors file) or from a gpt.py checkpoint (a .pt file): a new run "
+                            "that fine-tunes it; the shape comes from it", default_text="a new model")
     resume: bool = option(False, "continue the run saved in --out-dir, from last.pt; flags you give override its "
                           "settings (a larger --max-iters keeps the saved learning-rate schedule)")
     device: str = option("auto", "where to train; auto picks cuda, then mps, then cpu", choices=DEVICES)
@@ -1368,8 +1436,11 @@ class TrainConfig:
     n_layer: int = option(None, "transformer blocks", default_text=f"{GPTConfig.n_layer}, or the checkpoint's")
     n_head: int = option(None, "attention heads per block", default_text=f"{GPTConfig.n_head}, or the checkpoint's")
     n_embd: int = option(None, "width of the model (C)", default_text=f"{GPTConfig.n_embd}, or the checkpoint's")
-    block_size: int = option(None, "context length in tokens (T); with --init-from, a smaller value crops GPT-2's 1024",
+    block_size: int = option(None, "context length in tokens (T); with --init-from, a smaller value crops the "
+                             "model's, and a larger one needs --pos rope",
                              default_text=f"{GPTConfig.block_size}, or the checkpoint's")
+    pos: str = option(None, "positions: learned (GPT-2's wpe) or rope (rotary)", choices=("learned", "rope"),
+                      default_text="learned, or the checkpoint's")
     dropout: float = option(0.0, "dropout probability while training")
     batch_size: int = option(16, "sequences per micro-batch (B)")
     grad_accum: int = option(1, "micro-batches per optimizer step (the gradient is their mean)")
@@ -1476,6 +1547,15 @@ def model_for_run(cfg, text, resume, out_dir):
         tokenizer = tokenizer_from_dict(resume["tokenizer"])
         config = dataclasses.replace(GPTConfig(**resume["config"]), dropout=cfg.dropout)
         source = f"the checkpoint {resume_path(out_dir)}"
+    elif cfg.init_from is not None and Path(cfg.init_from).suffix == ".pt":  # a gpt.py checkpoint, fine-tuned
+        checkpoint, source = load_checkpoint(cfg.init_from), f"--init-from {cfg.init_from}"
+        tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+        try:
+            config = dataclasses.replace(GPTConfig(**checkpoint["config"]), dropout=cfg.dropout)
+        except TypeError as e:
+            raise GPTError(f"{source}: its config is not a GPTConfig ({e})") from None
+        model = model_with_weights(config, checkpoint["model_state"], cfg.block_size, cfg.init_from)
+        config = model.config
     elif cfg.init_from is not None:
         tokenizer = BPETokenizer()
         model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
@@ -1485,11 +1565,11 @@ def model_for_run(cfg, text, resume, out_dir):
         tokenizer = CharTokenizer.from_text(text) if cfg.tokenizer in (None, "char") else BPETokenizer()
         config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size or GPTConfig.block_size,
                            n_layer=cfg.n_layer or GPTConfig.n_layer, n_head=cfg.n_head or GPTConfig.n_head,
-                           n_embd=cfg.n_embd or GPTConfig.n_embd, dropout=cfg.dropout)
+                           n_embd=cfg.n_embd or GPTConfig.n_embd, dropout=cfg.dropout, pos=cfg.pos or "learned")
         source = None
     if source is not None:  # the shape comes from the checkpoint: a flag may only repeat it
         given = {"tokenizer": cfg.tokenizer, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
-                 "block_size": cfg.block_size}
+                 "block_size": cfg.block_size, "pos": cfg.pos}
         from_source = {"tokenizer": tokenizer.kind, **{k: getattr(config, k) for k in given if k != "tokenizer"}}
         for name, value in given.items():
             if value is not None and value != from_source[name]:
@@ -1515,7 +1595,8 @@ class TrainingRun:
                         f"continue it with --resume, or train into another --out-dir")
         self.tokenizer, config, model = model_for_run(cfg, text, resume, self.out_dir)
         self.cfg = cfg = dataclasses.replace(cfg, tokenizer=self.tokenizer.kind, n_layer=config.n_layer,
-                                             n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size)
+                                             n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size,
+                                             pos=config.pos)
         self.train_data, self.val_data = split_data(self.tokenizer.encode(text), config.block_size)
         check_writable(self.out_dir)
 
@@ -1558,7 +1639,7 @@ class TrainingRun:
         self.peak, self.probed = cfg.peak_flops or measure_peak_flops(self.device, self.dtype), time.perf_counter()
         log(f"model: {model.num_parameters():,} parameters, {config.n_layer} layers x {config.n_head} heads x "
             f"{config.n_embd} wide, context {config.block_size}, {self.tokenizer.kind} tokenizer "
-            f"({config.vocab_size} tokens)")
+            f"({config.vocab_size} tokens)" + (", RoPE positions" if config.pos == "rope" else ""))
         log(f"data: {len(self.train_data):,} training and {len(self.val_data):,} validation tokens from {cfg.data}")
         log(f"device: {self.device.type}, {dtype_name(self.dtype)}, {self.tokens_per_step:,} tokens per step, "
             f"peak {self.peak / 1e9:,.0f} GFLOP/s" + (f"; resuming at step {self.step}" if resuming else ""))
@@ -1667,11 +1748,14 @@ class TrainingRun:
 # returned out-of-range and zero-probability ids (pytorch issues 92752, 98612, 192577; nanoGPT
 # issue 458), and every drawn id is checked before anyone decodes it.
 
-def check_sampling_settings(temperature, top_k, top_p, prefix=""):
-    """prefix: "--" when the values came from command-line flags."""
+def check_sampling_settings(temperature, top_k, top_p, prefix="", prompt=None):
+    """prefix: "--" when the values came from command-line flags; prompt: generate's idx, if given."""
     require(temperature >= 0, f"{prefix}temperature must be 0 or more (0 means greedy), got {temperature}")
     require(top_k is None or top_k >= 1, f"{prefix}top-k must be 1 or more, got {top_k}")
     require(top_p is None or 0 < top_p <= 1, f"{prefix}top-p must be in (0, 1], got {top_p}")
+    require(prompt is None or (prompt.dim() == 2 and prompt.size(1) >= 1), f"generate needs a prompt of shape "
+            f"(B, T) with T >= 1, got {tuple(prompt.shape) if prompt is not None else None}; start an empty text "
+            f"with the tokenizer's start_token")
 
 
 def checked_draw(next_ids, probs):
@@ -1929,7 +2013,7 @@ def inspect(cfg, out=None):
     model.eval()
     for module in model.modules():  # the written-out attention: its softmax is what is drawn
         if isinstance(module, CausalSelfAttention):
-            module.written_out = True
+            module.attention = "written out"
     with recording_softmax() as softmaxes:
         logits, _ = model(torch.tensor([shown]))  # (1, T, V), in float32 on the CPU
     weights = [w[0] for w in softmaxes]  # per layer: (1, nh, T, T) -> (nh, T, T)
@@ -1953,6 +2037,13 @@ def inspect(cfg, out=None):
 # `python gpt.py bench` times the default model on this machine: training steps in float32
 # and in the --dtype auto format (alternating, so both see the same machine), and sampling
 # with and without the KV cache. Results go to stdout as a table; progress to stderr.
+#
+# `python gpt.py bench --contexts 256,512,1024,2048,4096` times instead one training step of
+# the default model's width at each context, with the written-out and with the fused
+# attention, and the peak memory of each. Attention's work grows with T^2: every token looks
+# at every earlier one. The written-out version also holds the (B, nh, T, T) weights for the
+# backward pass, so its memory grows with T^2 too; the fused kernel keeps only what grows with
+# T. A variant that runs out of memory is reported as such, and not tried at longer contexts.
 
 @dataclass
 class BenchConfig:
@@ -1960,10 +2051,21 @@ class BenchConfig:
     steps: int = option(10, "timed training steps per round")
     rounds: int = option(3, "rounds; each times every variant once, in turn; the tables show medians")
     sample_tokens: int = option(1000, "tokens to sample from a one-token prompt")
+    contexts: str = option(None, "instead, time a training step at each of these contexts, written-out and fused "
+                           "attention, e.g. 256,512,1024,2048,4096", default_text="the usual bench")
+    context_batch: int = option(4, "sequences per step in the --contexts bench")
+    context_steps: int = option(3, "timed steps per context and attention in the --contexts bench")
 
     def __post_init__(self):
-        for name in ("steps", "rounds", "sample_tokens"):
+        for name in ("steps", "rounds", "sample_tokens", "context_batch", "context_steps"):
             require(getattr(self, name) > 0, f"--{flag(name)} must be a positive whole number, got {getattr(self, name)}")
+        if self.contexts is not None:
+            try:
+                values = [int(value) for value in self.contexts.split(",")]
+            except ValueError:
+                values = []
+            require(values and all(value > 0 for value in values), f"--contexts {self.contexts!r}: expected positive "
+                    f"whole numbers separated by commas, like 256,512,1024")
 
 
 def median(values):
@@ -1972,6 +2074,8 @@ def median(values):
 
 def bench(cfg, out=None):
     out = out or sys.stdout
+    if cfg.contexts is not None:
+        return bench_contexts(cfg, out)
     device = pick_device(cfg.device)
     dtypes = list(dict.fromkeys([torch.float32, pick_dtype("auto", device)]))  # float32 first; once if auto is float32
     config, train_cfg = GPTConfig(), TrainConfig()
@@ -1986,6 +2090,121 @@ def bench(cfg, out=None):
     bench_training(model, train_cfg, device, peaks, cfg, out)
     bench_sampling(model, device, dtypes, cfg, out)
     out.flush()
+
+
+@contextlib.contextmanager
+def memory_bounded(device):
+    """On a Linux CPU, cap this process's address space at what it has plus 80% of the memory
+    still available, so that a step too big for the machine fails with an error rather than
+    making the system kill the process (or swap for minutes). Elsewhere nothing to do: CUDA
+    reports its own out-of-memory error."""
+    if device.type != "cpu" or not Path("/proc/meminfo").exists():
+        yield
+        return
+    import resource  # Unix only
+    available = int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    in_use = int(re.search(r"VmSize:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + int(0.8 * available), before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, before)
+
+
+def memory_high_water(device, reset=False):
+    """Bytes of memory at their highest since the last reset: CUDA's allocator counter, or on a
+    Linux CPU the process's peak resident memory (VmHWM; reset through /proc/self/clear_refs).
+    None where neither exists."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if device.type != "cpu" or not status.exists():
+        return None
+    if reset:
+        ctypes.CDLL(None).malloc_trim(0)  # memory freed but kept by malloc goes back: resident = in use
+        Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak to the current resident size
+    return int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) * 1024
+
+
+def time_context(T, attention, device, dtype, cfg):
+    """Training steps of the default model's width at context T with the given attention ->
+    (seconds per step, peak bytes it added to what was in use before), or None when out of memory."""
+    model = optimizer = None
+    gc.collect()
+    before = memory_high_water(device, reset=True)
+    try:
+        torch.manual_seed(0)
+        model = GPT(dataclasses.replace(GPTConfig(), block_size=T)).to(device)
+        for module in model.modules():
+            if isinstance(module, CausalSelfAttention):
+                module.attention = attention
+        optimizer, train_cfg = make_optimizer(model, TrainConfig()), TrainConfig()
+        data = torch.randint(model.config.vocab_size, (cfg.context_batch * (T + 1) * 4,))
+        batches = torch.Generator().manual_seed(0)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+        def next_batch():
+            x, y = get_batch(data, T, cfg.context_batch, batches)
+            return to_device(x, device), to_device(y, device)
+
+        def step():
+            return train_step(model, list(model.parameters()), optimizer, scaler, next_batch, 1,
+                              autocast(device, dtype), train_cfg.grad_clip)
+
+        float(step())  # warm-up
+        start = time.perf_counter()
+        for _ in range(cfg.context_steps):
+            loss = step()
+        float(loss)  # waits for a GPU
+        seconds = (time.perf_counter() - start) / cfg.context_steps
+        peak = memory_high_water(device)
+        return seconds, None if peak is None else peak - before
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if "memory" not in str(e).lower():
+            raise
+        return None
+    finally:
+        model = optimizer = None  # nothing of this context is kept for the next
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bench_contexts(cfg, out):
+    device = pick_device(cfg.device)
+    dtype = pick_dtype("auto", device)
+    contexts, variants = [int(value) for value in cfg.contexts.split(",")], ("written out", "fused")
+    config = GPTConfig()
+    out.write(f"torch {torch.__version__} on {device.type}, {dtype_name(dtype)}; the default model's width "
+              f"({config.n_layer} layers x {config.n_head} heads x {config.n_embd}), batch {cfg.context_batch}, "
+              f"{cfg.context_steps} timed steps after a warm-up\n\n")
+    out.write("| context | " + " | ".join(f"{v}: ms/step | tokens/s | peak memory" for v in variants) + " |\n"
+              "|---|---|---|---|---|---|---|\n")
+    out_of_memory = {}
+    with memory_bounded(device):
+        # A first, untimed step loads the libraries' kernels, so that no variant in the table pays for it.
+        time_context(min(contexts), "fused", device, dtype, dataclasses.replace(cfg, context_steps=1))
+        for T in contexts:
+            cells = []
+            for variant in variants:
+                if variant in out_of_memory:
+                    cells.append(f"not tried (out of memory at {out_of_memory[variant]}) | | ")
+                    continue
+                result = time_context(T, variant, device, dtype, cfg)
+                if result is None:
+                    out_of_memory[variant] = T
+                    cells.append("out of memory | | ")
+                    log(f"context {T}, {variant}: out of memory")
+                    continue
+                seconds, peak = result
+                shown = "-" if peak is None else f"{peak / 2**30:,.2f} GiB"
+                cells.append(f"{seconds * 1000:,.0f} | {cfg.context_batch * T / seconds:,.0f} | {shown}")
+                log(f"context {T}, {variant}: {seconds * 1000:,.0f} ms/step, peak memory {shown}")
+            out.write(f"| {T} | " + " | ".join(cells) + " |\n")
+            out.flush()
 
 
 def bench_training(model, train_cfg, device, peaks, cfg, out):

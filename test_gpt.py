@@ -46,14 +46,16 @@ quick = settings(deadline=None, max_examples=25, suppress_health_check=[HealthCh
 
 @st.composite
 def configs(draw, max_block=16):
-    n_head = draw(st.integers(1, 3))
+    """Tiny models of both kinds of positions: GPT-2's learned ones and RoPE (even head sizes)."""
+    n_head, pos = draw(st.integers(1, 3)), draw(st.sampled_from(["learned", "rope"]))
     return gpt.GPTConfig(
         vocab_size=draw(st.integers(2, 20)),
         block_size=draw(st.integers(2, max_block)),
         n_layer=draw(st.integers(1, 2)),
         n_head=n_head,
-        n_embd=n_head * draw(st.integers(2, 6)),
+        n_embd=n_head * (2 * draw(st.integers(1, 3)) if pos == "rope" else draw(st.integers(2, 6))),
         bias=draw(st.booleans()),
+        pos=pos,
     )
 
 
@@ -71,7 +73,7 @@ def tiny_model(config, seed=0, scale=0.5, dtype=torch.float64):
 def use_written_out_attention(model, written_out=True):
     for module in model.modules():
         if isinstance(module, gpt.CausalSelfAttention):
-            module.written_out = written_out
+            module.attention = "written out" if written_out else "auto"
     return model
 
 
@@ -290,6 +292,96 @@ def test_weight_decay_applies_to_matrices_only():
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (name.endswith(".weight") and ".ln_" not in name and "ln_f" not in name), name
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE: rotary position embeddings (the model tests above draw RoPE models too)
+# ---------------------------------------------------------------------------------------------
+
+@quick
+@given(half=st.integers(1, 16), T=st.integers(1, 20), start=st.integers(0, 10_000), seed=st.integers(0, 99))
+def test_rope_is_a_rotation_of_each_pair_by_its_positions_angle(half, T, start, seed):
+    # By hand, as complex numbers: channel j and channel j + hs/2 form z_j, turned by e^(i m theta_j).
+    hs, positions = 2 * half, torch.arange(start, start + T)
+    x = torch.randn(2, 3, T, hs, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    rotated = gpt.apply_rope(x, *gpt.rope_angles(positions, hs))
+    theta = torch.tensor([10000.0 ** (-2 * j / hs) for j in range(half)], dtype=torch.float64)
+    turn = torch.polar(torch.ones(T, half, dtype=torch.float64), positions[:, None].double() * theta)  # e^(i m theta)
+    z = torch.complex(x[..., :half], x[..., half:]) * turn
+    torch.testing.assert_close(rotated, torch.cat([z.real, z.imag], dim=-1))
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))  # lengths are kept
+
+
+@quick
+@given(half=st.integers(1, 16), m=st.integers(0, 4096), n=st.integers(0, 4096), shift=st.integers(0, 4096),
+       seed=st.integers(0, 99))
+def test_a_rope_score_depends_only_on_how_far_apart_the_two_positions_are(half, m, n, shift, seed):
+    hs = 2 * half
+    q, k = torch.randn(2, 1, 1, 1, hs, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+    def score(query_position, key_position):
+        rotated_q = gpt.apply_rope(q, *gpt.rope_angles(torch.tensor([query_position]), hs))
+        rotated_k = gpt.apply_rope(k, *gpt.rope_angles(torch.tensor([key_position]), hs))
+        return (rotated_q * rotated_k).sum().item()
+    assert score(m + shift, n + shift) == pytest.approx(score(m, n), rel=1e-9, abs=1e-9)
+
+
+@quick
+@given(config=configs())
+def test_a_rope_model_has_the_learned_models_parameters_but_wpe_and_saves_no_angles(config):
+    config = gpt.dataclasses.replace(config, n_embd=2 * config.n_embd)  # an even head size, for RoPE
+    learned = gpt.GPT(gpt.dataclasses.replace(config, pos="learned"))
+    rope = gpt.GPT(gpt.dataclasses.replace(config, pos="rope"))
+    assert rope.num_parameters() == learned.num_parameters() - config.block_size * config.n_embd
+    assert not any("wpe" in name for name in rope.state_dict())
+    rope(torch.zeros((1, 2), dtype=torch.long))  # computes the angles, once
+    assert rope.rope_cache and set(rope.state_dict()) == {name for name in learned.state_dict() if "wpe" not in name}
+
+
+def test_an_odd_head_size_cannot_take_rope():
+    with pytest.raises(gpt.GPTError, match="head size.*even"):
+        gpt.GPTConfig(n_embd=12, n_head=4, pos="rope")
+
+
+def test_a_rope_run_saves_resumes_and_samples_with_rope(tmp_path):
+    cfg = train_cfg(tmp_path, pos="rope", max_iters=10, eval_interval=5)
+    gpt.train(cfg)
+    checkpoint = gpt.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert checkpoint["config"]["pos"] == "rope" and checkpoint["train_args"]["pos"] == "rope"
+    model, _ = gpt.model_from_checkpoint(checkpoint)
+    assert model.config.pos == "rope" and not hasattr(model.transformer, "wpe")
+    resumed, saved = gpt.resumed_config({"resume": True, "out_dir": str(tmp_path / "out"), "max_iters": 12})
+    assert gpt.train(resumed, saved)["step"] == 12
+    assert gpt.load_checkpoint(tmp_path / "out" / "last.pt")["config"]["pos"] == "rope"
+    conflicting = run_gpt("train", "--resume", "--out-dir", tmp_path / "out", "--pos", "learned")
+    assert conflicting.returncode == 1 and "--pos learned" in conflicting.stderr and "pos rope" in conflicting.stderr
+    sampled = run_gpt("sample", "--out-dir", tmp_path / "out", "--prompt", "KING", "--max-new-tokens", 40)
+    assert sampled.returncode == 0 and sampled.stdout.startswith("KING"), sampled.stderr
+
+
+def test_fine_tuning_a_checkpoint_at_a_longer_context_needs_rope(tmp_path):
+    for pos in ("rope", "learned"):
+        (tmp_path / pos).mkdir()
+        gpt.train(train_cfg(tmp_path / pos, pos=pos, max_iters=4, eval_interval=4))  # block_size 16
+    data = str(tmp_path / "rope" / "data.txt")
+    longer = gpt.train(train_cfg(tmp_path / "rope", out_dir=str(tmp_path / "rope-32"),
+                                 init_from=str(tmp_path / "rope" / "out" / "ckpt.pt"), block_size=32, max_iters=4,
+                                 eval_interval=2, n_layer=None, n_head=None, n_embd=None))
+    tuned = gpt.load_checkpoint(tmp_path / "rope-32" / "last.pt")
+    assert tuned["config"]["block_size"] == 32 and tuned["config"]["pos"] == "rope" and longer["step"] == 4
+    assert [h["step"] for h in tuned["history"]] == [0, 2, 4]  # a new run, evaluated at 32 before any step
+    refused = run_gpt("train", "--init-from", tmp_path / "learned" / "out" / "ckpt.pt", "--data", data,
+                      "--out-dir", tmp_path / "learned-32", "--block-size", 32)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "--block-size 32" in refused.stderr and "--pos rope" in refused.stderr and "16" in refused.stderr
+    assert not (tmp_path / "learned-32").exists()
+    gpt.train(train_cfg(tmp_path / "learned", out_dir=str(tmp_path / "learned-8"), block_size=8,
+                        init_from=str(tmp_path / "learned" / "out" / "ckpt.pt"), max_iters=1, eval_interval=1,
+                        lr=1e-12, min_lr=0.0, n_layer=None, n_head=None, n_embd=None))
+    learned = gpt.load_checkpoint(tmp_path / "learned" / "out" / "ckpt.pt")["model_state"]["transformer.wpe.weight"]
+    cropped = gpt.load_checkpoint(tmp_path / "learned-8" / "ckpt.pt")["model_state"]["transformer.wpe.weight"]
+    assert cropped.shape == (8, 16)  # a shorter context keeps the first positions (the step barely moved them)
+    torch.testing.assert_close(cropped, learned[:8], atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,6 +825,7 @@ BAD_INPUTS = [  # (what is wrong, the command line, words its one-line error mus
     ("init_from unknown", ["sample", "--init-from", "gpt5"], ["gpt5", "gpt2-medium"]),
     ("inspect without a checkpoint", ["inspect", "--out-dir", "{tmp}/no_run"], ["no_run", "does not exist"]),
     ("inspect max_tokens 0", ["inspect", "--max-tokens", "0"], ["--max-tokens", "0"]),
+    ("pos unknown", [*TRAIN, "--pos", "alibi"], ["--pos", "'alibi'", "rope"]),
 ]
 
 
@@ -758,6 +851,31 @@ def test_a_bad_input_gets_one_clear_line_and_changes_nothing(name, argv, words, 
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert folder_bytes(tmp_path) == before
+
+
+def test_the_contexts_bench_reports_out_of_memory_and_stops_that_variant(monkeypatch, capsys):
+    real = gpt.time_context
+
+    def written_out_runs_out_at_32(T, attention, *args):  # as a machine too small for 32 would
+        return None if attention == "written out" and T >= 32 else real(T, attention, *args)
+    monkeypatch.setattr(gpt, "time_context", written_out_runs_out_at_32)
+    out = io.StringIO()
+    gpt.bench(gpt.BenchConfig(device="cpu", contexts="16,32,64", context_batch=1, context_steps=1), out)
+    rows = {int(line.split("|")[1]): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in out.getvalue().splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
+    assert sorted(rows) == [16, 32, 64]
+    assert float(rows[16][0].replace(",", "")) > 0 and rows[32][0] == "out of memory"
+    assert rows[64][0] == "not tried (out of memory at 32)"
+    for T in (16, 32, 64):  # the fused attention: ms/step, and tokens/s = batch x context / seconds
+        ms, tokens_per_second = float(rows[T][3].replace(",", "")), float(rows[T][4].replace(",", ""))
+        assert T / ((ms + 0.5) / 1000) - 1 <= tokens_per_second <= T / ((ms - 0.5) / 1000) + 1  # ms is rounded
+
+
+def test_bad_bench_contexts_get_one_line(capsys):
+    for contexts in ("256,abc", "0,512", ""):
+        assert gpt.main(["bench", "--contexts", contexts]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--contexts" in err and "256,512,1024" in err, err
 
 
 def test_a_bad_input_on_the_real_command_line_prints_one_line_and_no_traceback(tmp_path):
@@ -1169,8 +1287,8 @@ def test_published_peaks_are_found_by_whole_card_names(card, peak):
 def test_mfu_is_never_above_100_percent(tmp_path, capsys):
     assert gpt.mfu(2.0, 4.0) == 0.5 and gpt.mfu(8.0, 4.0) == 1.0
     gpt.train(train_cfg(tmp_path, max_iters=3, eval_interval=100, peak_flops=1.0))  # a peak far too low
-    lines = [line for line in capsys.readouterr().err.splitlines() if "MFU" in line]
-    assert lines and all("MFU 100%" in line for line in lines), lines
+    shown = [int(line.split("MFU ")[1].split("%")[0]) for line in capsys.readouterr().err.splitlines() if "MFU" in line]
+    assert shown[0] == 100 and all(0 < mfu <= 100 for mfu in shown), shown  # the peak rises to the best step seen
 
 
 def test_attention_on_mps_is_fused_in_float32_only_and_a_cpu_trains_bfloat16_written_out():
