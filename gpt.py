@@ -451,11 +451,12 @@ def train_step(model, params, optimizer, scaler, next_batch, grad_accum, autocas
     backward, unscale_ divides the gradients back before clipping (which must see their true
     size), and step skips an update whose gradients overflowed. Otherwise the scaler is off."""
     total = torch.zeros((), device=params[0].device)
-    for _ in range(grad_accum):
+    for i in range(grad_accum):
         x, y = next_batch()
-        with autocast_ctx:
-            _, loss = model(x, y)
-        scaler.scale(loss / grad_accum).backward()  # gradients add up over the micro-batches
+        with gradients_shared(model, after=i == grad_accum - 1):  # several processes: section 12
+            with autocast_ctx:
+                _, loss = model(x, y)
+            scaler.scale(loss / grad_accum).backward()  # gradients add up over the micro-batches
         total += loss.detach()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(params, grad_clip)  # one bad batch cannot throw the weights far
@@ -475,6 +476,8 @@ def estimate_loss(model, data, cfg, block_size, device, autocast_ctx, seed, spli
     last_report = time.perf_counter()
     for i in range(cfg.eval_iters):
         x, y = get_batch(data, block_size, cfg.batch_size, generator)
+        if i % process_count() != process_rank():  # several processes: each evaluates its share (section 12)
+            continue
         with autocast_ctx:
             _, loss = model(to_device(x, device), to_device(y, device))  # to_device: section 7
         total += loss
@@ -482,7 +485,7 @@ def estimate_loss(model, data, cfg, block_size, device, autocast_ctx, seed, spli
             log(f"evaluating the {split} loss: batch {i + 1}/{cfg.eval_iters}")
             last_report = time.perf_counter()
     model.train()
-    return (total / cfg.eval_iters).item()
+    return mean_over_processes(total, cfg.eval_iters)  # (total / eval_iters).item(), over every process
 
 
 def train(cfg, resume_checkpoint=None):
@@ -491,11 +494,13 @@ def train(cfg, resume_checkpoint=None):
     The TrainingRun (section 12) builds the model and its optimizer (make_optimizer), evaluates
     it with estimate_loss (which puts the model back in training mode), and saves."""
     run = TrainingRun(cfg, resume_checkpoint)  # checks the input, builds or restores everything: section 12
-    cfg, model, optimizer = run.cfg, run.compiled, run.optimizer  # compiled: the model, or its torch.compile
+    cfg, model, optimizer = run.cfg, run.training_model, run.optimizer  # the model (compiled, or DDP's: section 12)
 
     def next_batch():  # random training windows, on the model's device
         x, y = get_batch(run.train_data, cfg.block_size, cfg.batch_size, run.batches)
         return to_device(x, run.device), to_device(y, run.device)
+    # With several processes (torchrun), each takes its share of a step's micro-batches (section 12).
+    next_batch, micro_batches = share_of(next_batch), cfg.grad_accum // process_count()
 
     with ctrl_c_finishes_the_step() as stop_requested:  # a list that Ctrl-C appends to (section 12)
         while run.step < cfg.max_iters:
@@ -506,13 +511,13 @@ def train(cfg, resume_checkpoint=None):
             lr = learning_rate(run.step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_step(model, run.params, optimizer, run.scaler, next_batch, cfg.grad_accum,
+            loss = train_step(model, run.params, optimizer, run.scaler, next_batch, micro_batches,
                               run.autocast_ctx, cfg.grad_clip)
             run.step += 1
             # Watches for NaN; logs the loss, tokens/s, the ETA and the MFU (model FLOPs utilisation:
-            # the share of the hardware's peak arithmetic that the model's own FLOPs use).
-            run.after_step(loss, lr, stop_requested)
-            if stop_requested:  # Ctrl-C or SIGTERM: save last.pt, say how to resume, stop
+            # the share of the hardware's peak arithmetic that the model's own FLOPs use). True once
+            # a stop was asked for (Ctrl-C or SIGTERM): then save last.pt, say how to resume, stop.
+            if run.after_step(loss, lr, stop_requested):
                 return run.stop()
         if not run.evaluated_at(run.step):
             run.evaluate_and_save()
@@ -659,6 +664,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
 import argparse  # noqa: E402
 import codecs  # noqa: E402
 import contextlib  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import ctypes  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
@@ -677,7 +683,8 @@ from dataclasses import field  # noqa: E402
 from xml.sax.saxutils import escape as xml_escape  # noqa: E402
 
 
-# Errors, checks and progress, for every section below (and the few checks Part I calls).
+# Errors, checks, progress and settings that are flags, for every section below (and the few
+# checks Part I calls).
 
 class GPTError(ValueError):
     """A problem a person can act on (a bad flag, an unreadable file, a diverged run): the command
@@ -693,8 +700,35 @@ LOG_EVERY_SECONDS = 3  # a long job is never silent for longer
 
 
 def log(message, end="\n"):
-    """Progress and diagnostics go to stderr; stdout carries only sampled text (and bench's table)."""
-    print(message, file=sys.stderr, end=end, flush=True)
+    """Progress and diagnostics go to stderr; stdout carries only sampled text (and bench's table).
+    With several processes (torchrun, section 12) only the first one speaks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, end=end, flush=True)
+
+
+def duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def option(default, help, **argparse_kwargs):
+    """A dataclass field that is also a command-line flag: its default and its --help text."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+def flag(name):
+    """A field name as its command-line flag: block_size -> block-size."""
+    return name.replace("_", "-")
+
+
+def check_writable(out_dir, flag_name="--out-dir"):
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise GPTError(f"cannot write to {flag_name} {str(out_dir)!r}: {e.strerror or e}") from None
 from pathlib import Path  # noqa: E402
 
 
@@ -999,12 +1033,33 @@ def mfu(flops_per_second, peak):
 #
 # What can be wrong with a text to train on, each with one clear error: the file (missing,
 # a folder, unreadable, empty, not UTF-8), a character the vocabulary lacks, a text too short.
+#
+# A text is read whole and encoded at the start of training: fine for a few hundred MB, not
+# for a corpus of tens of GB. `python gpt.py prepare` encodes a text once into a token file
+# that `train --data` memory-maps: the operating system reads in only the pages that batches
+# touch, so the training process's own memory does not grow with the corpus. The file
+# describes itself:
+#     8 bytes        TOKEN_FILE_MAGIC
+#     8 bytes        N, the length of a JSON header (a little-endian unsigned integer)
+#     N bytes        {"format": 1, "tokenizer": {...}, "dtype": "uint16" or "uint32",
+#                     "tokens": count, "source": file name, "source_bytes": its size}, padded
+#                    with spaces so that the tokens start at a multiple of 64 bytes
+#     the rest       the token ids, little-endian: uint16 while the vocabulary fits (GPT-2's
+#                    50,257 does), else uint32
+# prepare reads and encodes the text a chunk at a time, so its memory is bounded whatever the
+# file's size, and the tokens are exactly tokenizer.encode(whole text): BPE never merges across
+# a cut made just before whitespace that follows a non-whitespace character (GPT-2's
+# pre-tokenizer always splits there), and a character is one token whatever the cut.
+
+def check_data_file(path):
+    require(path.exists(), f"data file {str(path)!r} does not exist")
+    require(not path.is_dir(), f"data file {str(path)!r} is a directory, not a text file")
+
 
 def read_text(path):
     """Read a UTF-8 text file, with a clear error for every way it can be wrong."""
     path = Path(path)
-    require(path.exists(), f"data file {str(path)!r} does not exist")
-    require(not path.is_dir(), f"data file {str(path)!r} is a directory, not a text file")
+    check_data_file(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -1016,6 +1071,204 @@ def read_text(path):
         line = raw.count(b"\n", 0, e.start) + 1
         raise GPTError(f"data file {str(path)!r} is not UTF-8 text: byte {e.start} (line {line}) "
                        f"is {raw[e.start:e.start + 1]!r}; save it as UTF-8") from None
+
+
+def tokenizer_to_dict(tokenizer):
+    if tokenizer.kind == "char":
+        return {"kind": "char", "chars": tokenizer.chars}
+    return {"kind": "bpe", "encoding": "gpt2"}
+
+
+def tokenizer_from_dict(d):
+    require(isinstance(d, dict), f"unknown tokenizer {d!r}: expected a dict with kind 'char' or 'bpe'")
+    if d.get("kind") == "char":
+        return CharTokenizer(d["chars"])
+    if d.get("kind") == "bpe":
+        return BPETokenizer()
+    raise GPTError(f"unknown tokenizer {d!r}: expected kind 'char' or 'bpe'")
+
+
+TOKEN_FILE_MAGIC = b"GPTTOKS1"
+PREPARE_CHUNK_BYTES = 8 << 20  # 8 MB of text at a time: tiktoken's lists of ids for it take about 80 MB
+LONGEST_UNCUT = 128 << 20  # text without a place to cut is held whole: up to this much
+SAFE_CUT = re.compile(r"\S[ \t\n\r]")  # a non-whitespace character, then whitespace: cut between them
+
+
+def is_token_file(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(TOKEN_FILE_MAGIC)) == TOKEN_FILE_MAGIC
+    except OSError:
+        return False
+
+
+class TokenArray:
+    """Token ids in a memory-mapped file, as get_batch (section 3) indexes them: len(), slices,
+    and a tensor of positions -> int64 ids. The file's uint16 (uint32) ids are read as int16
+    (int32), same bits, since torch before 2.5 cannot index uint16; & 0xFFFF restores them."""
+
+    def __init__(self, values):
+        self.values = values  # (N,) int16 or int32, a view of the memory map
+
+    def __len__(self):
+        return len(self.values)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return TokenArray(self.values[index])
+        ids = self.values[index].long()  # index's shape, int64
+        return ids & 0xFFFF if self.values.dtype == torch.int16 else ids
+
+
+def read_token_file(path):
+    """A file written by prepare -> (its header, a TokenArray of its tokens, memory-mapped)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            f.seek(len(TOKEN_FILE_MAGIC))
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: never written back
+    except (OSError, ValueError) as e:
+        raise GPTError(f"cannot read {str(path)!r} as a token file ({e})".splitlines()[0]) from None
+    dtype = {"uint16": torch.int16, "uint32": torch.int32}.get(header.get("dtype"))
+    start = len(TOKEN_FILE_MAGIC) + 8 + header_size
+    require(header.get("format") == 1 and dtype is not None and isinstance(header.get("tokens"), int)
+            and start + header["tokens"] * dtype.itemsize == size,
+            f"{path} is not a complete token file (truncated, or written by another program)")
+    values = torch.frombuffer(buffer, dtype=dtype, count=header["tokens"], offset=start) if header["tokens"] else \
+        torch.empty(0, dtype=dtype)  # (N,)
+    return header, TokenArray(values)
+
+
+def split_tokens(tokens, block_size):
+    """split_data (section 3) for a TokenArray: the same 90/10 split, without copying."""
+    n_train = int(0.9 * len(tokens))
+    train, val = tokens[:n_train], tokens[n_train:]
+    check_long_enough(len(tokens), len(val), block_size)
+    return train, val
+
+
+def text_chunks(path, chunk_bytes=None, progress=None):
+    """Yield the UTF-8 text of path in pieces of about chunk_bytes, each ending just before
+    whitespace that follows a non-whitespace character (or at the end of the file): cuts that no
+    tokenizer here can tell from the whole text. progress(bytes read) is called after each read."""
+    path, chunk_bytes = Path(path), chunk_bytes or PREPARE_CHUNK_BYTES
+    check_data_file(path)
+    decoder, pending, done, lines = codecs.getincrementaldecoder("utf-8")(), "", 0, 0
+    try:
+        with open(path, "rb") as f:
+            while raw := f.read(chunk_bytes):
+                held = len(decoder.getstate()[0])  # bytes of a character cut by the last read
+                try:
+                    pending += decoder.decode(raw)
+                except UnicodeDecodeError as e:
+                    where = done - held + e.start
+                    line = lines + raw[:max(e.start - held, 0)].count(b"\n") + 1
+                    raise GPTError(f"data file {str(path)!r} is not UTF-8 text: byte {where} (line {line}) is "
+                                   f"{raw[e.start - held:e.start - held + 1]!r}; save it as UTF-8") from None
+                done, lines = done + len(raw), lines + raw.count(b"\n")
+                if progress:
+                    progress(done)
+                cut = max((m.start() + 1 for m in SAFE_CUT.finditer(pending, max(0, len(pending) - chunk_bytes))),
+                          default=0)
+                if cut:
+                    yield pending[:cut]
+                    pending = pending[cut:]
+                require(len(pending) < LONGEST_UNCUT, f"data file {str(path)!r} has over {LONGEST_UNCUT >> 20} MB "
+                        f"without whitespace after a word: prepare cuts the text there, to bound its memory")
+            pending += decoder.decode(b"", final=True)
+    except OSError as e:
+        raise GPTError(f"cannot read data file {str(path)!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # the file ends inside a character
+        raise GPTError(f"data file {str(path)!r} is not UTF-8 text: its last {len(raw) - e.start} byte(s) are an "
+                       f"unfinished character; save it as UTF-8") from None
+    require(done, f"data file {str(path)!r} is empty")
+    if pending:
+        yield pending
+
+
+def encode_chunk(tokenizer, text, lookup=None):
+    """text -> its token ids as a 1-D tensor. Characters: each character's code point looked up in
+    lookup, a tensor over all code points. BPE: tiktoken's batch encoding on several threads,
+    over pieces cut where text_chunks cuts."""
+    if tokenizer.kind == "char":
+        code_points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()  # (n,)
+        return lookup[code_points]  # (n,)
+    pieces, start = [], 0
+    for m in SAFE_CUT.finditer(text, 1 << 20):  # about 1 MB a piece, for the threads
+        if m.start() + 1 - start >= 1 << 20:
+            pieces.append(text[start:m.start() + 1])
+            start = m.start() + 1
+    pieces.append(text[start:])
+    ids = tokenizer.encoding.encode_batch(pieces, num_threads=os.cpu_count() or 1, allowed_special="all")
+    return torch.cat([torch.tensor(piece, dtype=torch.int32) for piece in ids])  # (n,)
+
+
+@dataclass
+class PrepareConfig:
+    data: str = option("input.txt", "UTF-8 text file to encode")
+    tokenizer: str = option("char", "char: one token per character; bpe: GPT-2's 50,257 tokens", choices=("char", "bpe"))
+    out: str = option(None, "the token file to write", default_text="the data file's name + .tokens")
+
+
+class Progress:
+    """A line on stderr every LOG_EVERY_SECONDS: how far, how fast, and when it will be done."""
+
+    def __init__(self, what, total_bytes):
+        self.what, self.total, self.start, self.last = what, total_bytes, time.perf_counter(), 0.0
+
+    def __call__(self, done, note=""):
+        now = time.perf_counter()
+        if now - self.last >= LOG_EVERY_SECONDS or done == self.total:
+            rate = done / max(now - self.start, 1e-9)
+            log(f"{self.what}: {done / 1e6:,.1f} of {self.total / 1e6:,.1f} MB, {rate / 1e6:,.1f} MB/s{note}, "
+                f"ETA {duration((self.total - done) / max(rate, 1e-9))}")
+            self.last = now
+
+
+def prepare(cfg):
+    """Encode cfg.data into a token file (see this section's opening). -> its path."""
+    source, out = Path(cfg.data), Path(cfg.out or cfg.data + ".tokens")
+    check_data_file(source)
+    check_writable(out.parent, "--out")  # before the work, not after it
+    size = source.stat().st_size
+    if cfg.tokenizer == "char":  # a first pass for the vocabulary: the sorted set of characters
+        chars = set()
+        for chunk in text_chunks(source, progress=Progress("collecting the characters", size)):
+            chars.update(chunk)
+        tokenizer = CharTokenizer(sorted(chars))
+        lookup = torch.full((max(map(ord, chars)) + 1,), -1, dtype=torch.int32)  # code point -> id
+        lookup[torch.tensor([ord(ch) for ch in tokenizer.chars])] = torch.arange(tokenizer.vocab_size, dtype=torch.int32)
+    else:
+        tokenizer, lookup = BPETokenizer(), None
+    wide = tokenizer.vocab_size > 1 << 16
+    header = {"format": 1, "tokenizer": tokenizer_to_dict(tokenizer), "dtype": "uint32" if wide else "uint16",
+              "tokens": 10**19, "source": source.name, "source_bytes": size}  # 10**19: room for any count
+    start = -(-(len(TOKEN_FILE_MAGIC) + 8 + len(json.dumps(header))) // 64) * 64  # the tokens start here
+    tmp, count = out.with_name(f".{out.name}.{os.getpid()}.tmp"), 0
+    try:
+        with open(tmp, "wb") as f:
+            f.seek(start)
+            progress = Progress(f"encoding ({tokenizer.kind})", size)
+            for chunk in text_chunks(source, progress=lambda done: progress(done, f", {count:,} tokens")):
+                ids = encode_chunk(tokenizer, chunk, lookup).to(torch.int32 if wide else torch.int16)  # uint16's bits
+                f.write(ctypes.string_at(ids.data_ptr(), ids.numel() * ids.element_size()))
+                count += ids.numel()
+            text = json.dumps({**header, "tokens": count})
+            f.seek(0)
+            f.write(TOKEN_FILE_MAGIC + (start - len(TOKEN_FILE_MAGIC) - 8).to_bytes(8, "little")
+                    + text.ljust(start - len(TOKEN_FILE_MAGIC) - 8).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)  # only a finished file has the name
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise GPTError(f"could not write {out}: {e.strerror or e}") from None
+        raise
+    log(f"wrote {out}: {count:,} {tokenizer.kind} tokens from {size / 1e6:,.1f} MB of text")
+    return out
 
 
 def check_characters(tokenizer, text):
@@ -1054,21 +1307,6 @@ def check_long_enough(n_tokens, n_val, block_size):
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("format", "model_state", "config", "tokenizer", "step", "loss")
-
-
-def tokenizer_to_dict(tokenizer):
-    if tokenizer.kind == "char":
-        return {"kind": "char", "chars": tokenizer.chars}
-    return {"kind": "bpe", "encoding": "gpt2"}
-
-
-def tokenizer_from_dict(d):
-    require(isinstance(d, dict), f"unknown tokenizer {d!r}: expected a dict with kind 'char' or 'bpe'")
-    if d.get("kind") == "char":
-        return CharTokenizer(d["chars"])
-    if d.get("kind") == "bpe":
-        return BPETokenizer()
-    raise GPTError(f"unknown tokenizer {d!r}: expected kind 'char' or 'bpe'")
 
 
 def save_checkpoint(checkpoint, path, also=None):
@@ -1389,20 +1627,92 @@ def gpt2_bpe_encoding():
 # shape and tokenizer agree with the flags, the out-dir. It then builds or restores the model,
 # the optimizer and the random generators. While the loop runs, it evaluates and saves
 # (ckpt.pt: the weights with the best validation loss; last.pt: the latest state, from which
-# --resume continues; loss.svg: the curve so far, section 14), logs progress with tokens/s, MFU and an ETA, stops on a NaN with the
-# last good val loss, and on Ctrl-C finishes the step and saves.
+# --resume continues; loss.svg: the curve so far, section 14), logs progress with tokens/s,
+# MFU and an ETA, stops on a NaN with the last good val loss, and on Ctrl-C finishes the step
+# and saves.
 #
 # Each setting is a field of TrainConfig, and each field is also a command-line flag: option()
-# keeps the flag's help text beside its default (section 16 builds the parser from them).
+# (at the start of Part II) keeps the flag's help text beside its default; section 16 builds the
+# parser from them.
 
-def option(default, help, **argparse_kwargs):
-    """A dataclass field that is also a command-line flag: its default and its --help text."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+# Several processes: torchrun and DDP.
+#
+# `torchrun --standalone --nproc_per_node N gpt.py train ...` starts N processes (on CUDA one
+# per GPU, NCCL between them; on CPUs gloo), each told its RANK and the WORLD_SIZE in its
+# environment. They train one model together with PyTorch's DistributedDataParallel (DDP):
+# every process holds the whole model and computes the gradients of its own micro-batches;
+# DDP averages the gradients across the processes before each optimizer step, so that every
+# copy takes the same step. The settings mean the same whatever N is:
+# - --batch-size and --grad-accum describe one optimizer step: grad_accum micro-batches of
+#   batch_size sequences, shared out between the processes (grad_accum divisible by N). Every
+#   process draws the same random windows from the same seeded generator and keeps micro-batch
+#   rank, rank + N, ...: together they compute exactly the micro-batches of a 1-process run,
+#   and with dropout 0 the losses agree with it to within float rounding (tested, 2 processes).
+# - Gradients are averaged once per step: DDP's no_sync covers the forward and the backward of
+#   every micro-batch but the last (covering only the backward is a known silent bug: DDP
+#   prepares the averaging in the forward pass).
+# - Evaluation batches are shared out as well, and the losses averaged over all of them.
+# - Only rank 0 logs and writes files. After every step the processes agree, in one small
+#   all_reduce, on whether to log and whether to stop, so they all stop at the same step. Ctrl-C
+#   or SIGTERM to torchrun reaches every process; rank 0 saves last.pt with every rank's random
+#   state, and --resume with the same N continues bit for bit (with another N, correctly; the
+#   dropout of ranks above 0 then starts again from its seed). A NaN stops every process.
+# - A process killed outright makes torchrun end the others; saves are atomic, so the last
+#   checkpoint is whole.
+# - --compile with DDP: the model is compiled, then wrapped, the usual order; not run here.
+# On several machines: the same torchrun on each, with --nnodes, --node_rank and a rendezvous
+# address (README.md shows it).
+
+def process_rank():
+    return int(os.environ.get("RANK", 0))  # torchrun sets it; 0 when started alone
 
 
-def flag(name):
-    """A field name as its command-line flag: block_size -> block-size."""
-    return name.replace("_", "-")
+def process_count():
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def start_processes(device):
+    """Join the processes torchrun started -> the device of this one (its own GPU on CUDA) and a
+    gloo group for the small decisions all of them share (NCCL reduces only GPU tensors)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.new_group(backend="gloo")
+
+
+def share_of(next_batch):
+    """With N processes: next_batch called N times, the same windows on every process, and this
+    process's one kept. Alone: next_batch itself."""
+    if process_count() == 1:
+        return next_batch
+
+    def this_process_share():
+        return [next_batch() for _ in range(process_count())][process_rank()]
+    return this_process_share
+
+
+def gradients_shared(model, after):
+    """With DDP, the gradients are averaged across the processes only in the backward pass after
+    which `after` is true: no_sync around the forward and the backward of the others."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not after:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def reduced(value, op):
+    """value (a tensor) combined over all processes with op (dist.ReduceOp.SUM, .MAX)."""
+    if process_count() == 1:
+        return value
+    value = value.detach().clone().to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=op)
+    return value
+
+
+def mean_over_processes(total, count):
+    """The sum of total (a tensor) over all processes, divided by count -> a float."""
+    return (reduced(total, dist.ReduceOp.SUM) / count).item()
 
 
 def check_model_config(config):
@@ -1420,7 +1730,7 @@ def check_model_config(config):
 
 @dataclass
 class TrainConfig:
-    data: str = option("input.txt", "UTF-8 text file to train on")
+    data: str = option("input.txt", "UTF-8 text file to train on, or a token file from `python gpt.py prepare`")
     tokenizer: str = option(None, "char: one token per character; bpe: GPT-2's 50,257 tokens", choices=("char", "bpe"),
                             default_text="char; with --resume the checkpoint's; with --init-from bpe")
     out_dir: str = option("out", "folder for ckpt.pt (best validation loss) and last.pt (latest state)")
@@ -1498,16 +1808,6 @@ def resumed_config(given):
     return TrainConfig(**{**saved, **given}), checkpoint
 
 
-def check_writable(out_dir):
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise GPTError(f"cannot write to --out-dir {str(out_dir)!r}: {e.strerror or e}") from None
-
-
 @contextlib.contextmanager
 def ctrl_c_finishes_the_step():
     """While training, the first Ctrl-C (or a `kill`, SIGTERM) asks the loop to stop after the
@@ -1533,15 +1833,11 @@ def ctrl_c_finishes_the_step():
             signal.signal(s, handler_before)
 
 
-def duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def model_for_run(cfg, text, resume, out_dir):
+def model_for_run(cfg, text, resume, out_dir, data_tokenizer=None):
     """-> (tokenizer, GPTConfig, the GPT with GPT-2's weights or None). The shape and the
     tokenizer come from the checkpoint being resumed, from --init-from, or from the flags; a
-    flag may repeat a checkpoint's shape but not change it."""
+    flag may repeat a checkpoint's shape but not change it. data_tokenizer: a token file's, which
+    must then be the model's."""
     model = None
     if resume is not None:
         tokenizer = tokenizer_from_dict(resume["tokenizer"])
@@ -1561,6 +1857,12 @@ def model_for_run(cfg, text, resume, out_dir):
         model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
         config = model.config
         source = f"--init-from {cfg.init_from}"
+    elif data_tokenizer is not None:
+        tokenizer = data_tokenizer
+        config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size or GPTConfig.block_size,
+                           n_layer=cfg.n_layer or GPTConfig.n_layer, n_head=cfg.n_head or GPTConfig.n_head,
+                           n_embd=cfg.n_embd or GPTConfig.n_embd, dropout=cfg.dropout, pos=cfg.pos or "learned")
+        source = f"--data {cfg.data}"
     else:
         tokenizer = CharTokenizer.from_text(text) if cfg.tokenizer in (None, "char") else BPETokenizer()
         config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size or GPTConfig.block_size,
@@ -1576,7 +1878,14 @@ def model_for_run(cfg, text, resume, out_dir):
                 raise GPTError(f"--{flag(name)} {value} does not match {source}, which has {name} {from_source[name]}")
     require(tokenizer.vocab_size == config.vocab_size, f"{source}: the model has {config.vocab_size} tokens, but "
             f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size}")
+    if data_tokenizer is not None and tokenizer_to_dict(data_tokenizer) != tokenizer_to_dict(tokenizer):
+        raise GPTError(f"--data {cfg.data} was prepared with another tokenizer ({describe(data_tokenizer)}) than "
+                       f"{source}'s ({describe(tokenizer)}); prepare the text again with the model's tokenizer")
     return tokenizer, config, model
+
+
+def describe(tokenizer):
+    return f"char, {tokenizer.vocab_size} characters" if tokenizer.kind == "char" else "GPT-2's BPE"
 
 
 class TrainingRun:
@@ -1586,23 +1895,35 @@ class TrainingRun:
         self.device, self.out_dir = pick_device(cfg.device), Path(cfg.out_dir)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         check_training_dtype(self.dtype, self.device)
-        text = read_text(cfg.data)
+        if is_token_file(cfg.data):  # prepared by `python gpt.py prepare`: memory-mapped, never read whole
+            header, tokens = read_token_file(cfg.data)
+            text, data_tokenizer = None, tokenizer_from_dict(header["tokenizer"])
+        else:
+            text, data_tokenizer = read_text(cfg.data), None
         # Everything that can be wrong with the input is checked before anything is written.
         resume = (resume_checkpoint or load_checkpoint(resume_path(self.out_dir))) if cfg.resume else None
         if resume is None:
             for name in ("ckpt.pt", "last.pt"):
                 require(not (self.out_dir / name).exists(), f"{self.out_dir / name} already holds a training run: "
                         f"continue it with --resume, or train into another --out-dir")
-        self.tokenizer, config, model = model_for_run(cfg, text, resume, self.out_dir)
+        self.tokenizer, config, model = model_for_run(cfg, text, resume, self.out_dir, data_tokenizer)
         self.cfg = cfg = dataclasses.replace(cfg, tokenizer=self.tokenizer.kind, n_layer=config.n_layer,
                                              n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size,
                                              pos=config.pos)
-        self.train_data, self.val_data = split_data(self.tokenizer.encode(text), config.block_size)
+        self.train_data, self.val_data = split_data(self.tokenizer.encode(text), config.block_size) if text is not None \
+            else split_tokens(tokens, config.block_size)
         check_writable(self.out_dir)
+        require(cfg.grad_accum % process_count() == 0, f"--grad-accum {cfg.grad_accum} is not divisible by the "
+                f"{process_count()} processes that share out its micro-batches")
+        self.control = None  # with several processes, the group their shared decisions go through
+        if process_count() > 1:
+            self.device, self.control = start_processes(self.device)
 
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)  # nothing here draws from Python's random; a reader's additions might
         self.model = (model or GPT(config)).to(self.device)
+        if process_rank():  # every process starts from the same weights; dropout differs from process to process
+            torch.manual_seed(cfg.seed + process_rank())
         self.params = list(self.model.parameters())
         self.optimizer = make_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -1611,6 +1932,10 @@ class TrainingRun:
         if resume is not None:
             self.restore(resume)
         self.compiled = torch.compile(self.model) if cfg.compile else self.model  # the same model, unless --compile
+        self.training_model = self.compiled  # with several processes, wrapped by DDP: compiled first, then wrapped
+        if process_count() > 1:
+            gpu = [self.device.index] if self.device.type == "cuda" else None
+            self.training_model = nn.parallel.DistributedDataParallel(self.compiled, device_ids=gpu)
         self.autocast_ctx = autocast(self.device, self.dtype)
         self.loss = torch.tensor(resume["loss"] if resume is not None else float("nan"))  # the last step's loss
         self.first_bad_step = torch.full((), -1, device=self.device)  # set on the device, read only when we log
@@ -1623,12 +1948,15 @@ class TrainingRun:
         if "scaler_state" in checkpoint:
             self.scaler.load_state_dict(checkpoint["scaler_state"])
         self.step, self.best_val, self.history = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["history"]
-        rng = checkpoint["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.batches.set_state(rng["batches"])
+        rng, by_rank = checkpoint["rng"], checkpoint.get("rng_by_rank")  # rank 0's; every rank's, if several ran
+        mine = by_rank[process_rank()] if by_rank and len(by_rank) == process_count() else rng
+        self.batches.set_state(rng["batches"])  # the same on every process
         random.setstate(rng["python"])
-        if self.device.type in rng:  # dropout's random state on the GPU
-            (torch.cuda if self.device.type == "cuda" else torch.mps).set_rng_state(rng[self.device.type])
+        if mine is rng and process_rank():  # another number of processes: this rank's dropout keeps its seed
+            return
+        torch.set_rng_state(mine["torch"])
+        if self.device.type in mine:  # dropout's random state on the GPU
+            (torch.cuda if self.device.type == "cuda" else torch.mps).set_rng_state(mine[self.device.type])
 
     def log_start(self, resuming):
         """Log what is trained on what, and start the clocks of the progress lines."""
@@ -1641,7 +1969,8 @@ class TrainingRun:
             f"{config.n_embd} wide, context {config.block_size}, {self.tokenizer.kind} tokenizer "
             f"({config.vocab_size} tokens)" + (", RoPE positions" if config.pos == "rope" else ""))
         log(f"data: {len(self.train_data):,} training and {len(self.val_data):,} validation tokens from {cfg.data}")
-        log(f"device: {self.device.type}, {dtype_name(self.dtype)}, {self.tokens_per_step:,} tokens per step, "
+        processes = f" x {process_count()} processes" if process_count() > 1 else ""
+        log(f"device: {self.device.type}{processes}, {dtype_name(self.dtype)}, {self.tokens_per_step:,} tokens per step, "
             f"peak {self.peak / 1e9:,.0f} GFLOP/s" + (f"; resuming at step {self.step}" if resuming else ""))
         # ms/step counts training steps only; the ETA adds the evaluations to come.
         self.started = time.perf_counter()
@@ -1649,24 +1978,34 @@ class TrainingRun:
         self.last_log_time, self.last_log_step = self.started, self.step
 
     def checkpoint(self):
-        """The run's whole state, as section 10 describes it."""
+        """The run's whole state, as section 10 describes it. Every process must call it (it
+        gathers their random states); only rank 0 saves what it returns."""
         rng = {"torch": torch.get_rng_state(), "batches": self.batches.get_state(), "python": random.getstate()}
         if self.device.type in ("cuda", "mps"):
             rng[self.device.type] = (torch.cuda if self.device.type == "cuda" else torch.mps).get_rng_state()
+        loss = mean_over_processes(self.loss, process_count())  # the last step's loss, over all processes
         state = {"format": CHECKPOINT_FORMAT, "model_state": self.model.state_dict(),
                  "config": dataclasses.asdict(self.model.config), "tokenizer": tokenizer_to_dict(self.tokenizer),
-                 "step": self.step, "loss": float(self.loss), "best_val_loss": self.best_val,
+                 "step": self.step, "loss": loss, "best_val_loss": self.best_val,
                  "history": self.history, "optimizer_state": self.optimizer.state_dict(),
                  "train_args": dataclasses.asdict(self.cfg), "rng": rng}
         if self.scaler.is_enabled():
             state["scaler_state"] = self.scaler.state_dict()
+        if process_count() > 1:
+            state["rng_by_rank"] = [None] * process_count()
+            dist.all_gather_object(state["rng_by_rank"], rng)
         return state
+
+    def save(self, path, also=None):
+        state = self.checkpoint()
+        if process_rank() == 0:
+            save_checkpoint(state, path, also)
 
     def evaluated_at(self, step):  # a resumed run may start where the last one evaluated
         return bool(self.history) and self.history[-1]["step"] == step
 
     def check_finite(self):
-        bad = int(self.first_bad_step)
+        bad = int(reduced(self.first_bad_step, dist.ReduceOp.MAX))  # any process's NaN stops them all
         if bad >= 0:
             last_good = f"{self.history[-1]['val']:.4f} at step {self.history[-1]['step']}" if self.history else "none yet"
             raise GPTError(f"training diverged: the loss became NaN or infinite at step {bad} (last good val loss "
@@ -1682,18 +2021,19 @@ class TrainingRun:
         # Seeds of their own (seed + 1, + 2): the same batches at every evaluation, apart from training's.
         for split, data, seed in (("train", self.train_data, cfg.seed + 1), ("val", self.val_data, cfg.seed + 2)):
             losses[split] = estimate_loss(self.compiled, data, cfg, cfg.block_size, self.device, self.autocast_ctx,
-                                          seed, split)
+                                          seed, split)  # not through DDP: no process waits for another's batches
         require(math.isfinite(losses["val"]), f"training diverged: the val loss is {losses['val']} at step "
                 f"{self.step}; {self.out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
         self.history.append(losses)
         if losses["val"] < self.best_val:
             self.best_val = losses["val"]
-            save_checkpoint(self.checkpoint(), self.out_dir / "ckpt.pt", also=self.out_dir / "last.pt")
+            self.save(self.out_dir / "ckpt.pt", also=self.out_dir / "last.pt")
             note = ", best so far: saved ckpt.pt"
         else:
-            save_checkpoint(self.checkpoint(), self.out_dir / "last.pt")
+            self.save(self.out_dir / "last.pt")
             note = ""
-        write_atomically(self.out_dir / "loss.svg", loss_curve_svg(self.history))  # section 14
+        if process_rank() == 0:
+            write_atomically(self.out_dir / "loss.svg", loss_curve_svg(self.history))  # section 14
         self.eval_seconds = time.perf_counter() - start
         log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note} "
             f"({self.eval_seconds:.1f}s)")
@@ -1704,36 +2044,47 @@ class TrainingRun:
 
     def after_step(self, loss, lr, stop_requested):
         """Note a NaN loss on the device (without waiting for a GPU); log the loss, speed, MFU and
-        ETA every LOG_EVERY_SECONDS, after the first and the last step, and on a stop."""
-        cfg = self.cfg
+        ETA every LOG_EVERY_SECONDS, after the first and the last step, and on a stop. -> whether to
+        stop now: decided once, here, since a signal can arrive at any moment (and with several
+        processes, all of them must stop after the same step)."""
+        cfg, stop = self.cfg, bool(stop_requested)
         self.loss = loss
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss), self.step - 1,
                                           self.first_bad_step)  # step - 1: the step that made this loss
         now = time.perf_counter()
-        due = now - self.last_log_time >= LOG_EVERY_SECONDS or self.timed_steps == 0 or self.step == cfg.max_iters
-        if not (due or stop_requested):
-            return
+        due = now - self.last_log_time >= LOG_EVERY_SECONDS and process_rank() == 0  # rank 0's clock decides
+        due = due or self.timed_steps == 0 or self.step == cfg.max_iters
+        if process_count() > 1:  # every process logs (its collectives) and stops at the same step
+            agreed = torch.tensor([float(due), float(stop)])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.control)
+            due, stop = bool(agreed[0]), bool(agreed[1])
+        if not (due or stop):
+            return False
         synchronize(self.device)  # a GPU may still be computing the steps it was given: wait, then read the clock
         now = time.perf_counter()
         self.check_finite()
         self.train_seconds += now - self.last_log_time
         self.timed_steps += self.step - self.last_log_step
         dt = (now - self.last_log_time) / (self.step - self.last_log_step)
-        self.peak = max(self.peak, self.flops_per_step / dt)  # a peak the model beat was too low: MFU <= 100%
+        flops = self.flops_per_step / dt / process_count()  # per process, against one device's peak
+        self.peak = max(self.peak, flops)  # a peak the model beat was too low: MFU <= 100%
         evals_left = (cfg.max_iters - 1) // cfg.eval_interval - self.step // cfg.eval_interval + 1
         eta = (cfg.max_iters - self.step) * self.train_seconds / self.timed_steps + evals_left * self.eval_seconds
-        log(f"step {self.step}/{cfg.max_iters} | loss {float(loss):.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
-            f"{self.tokens_per_step / dt:,.0f} tok/s | MFU {self.flops_per_step / dt / self.peak:.0%} | "
-            f"ETA {duration(eta)}")
+        loss = mean_over_processes(loss, process_count())  # the mean of every process's micro-batches
+        log(f"step {self.step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
+            f"{self.tokens_per_step / dt:,.0f} tok/s | MFU {flops / self.peak:.0%} | ETA {duration(eta)}")
         self.last_log_time, self.last_log_step = now, self.step
+        return stop
 
     def stop(self):
-        save_checkpoint(self.checkpoint(), self.out_dir / "last.pt")
+        self.save(self.out_dir / "last.pt")
         log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. Continue with: "
             f"python gpt.py train --resume --out-dir {self.out_dir}")
         return {"step": self.step, "best_val_loss": self.best_val, "history": self.history, "interrupted": True}
 
     def finish(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()
         log(f"done: {self.step} steps in {duration(time.perf_counter() - self.started)}; best val loss "
             f"{self.best_val:.4f}, saved in {self.out_dir / 'ckpt.pt'}; sample with: python gpt.py sample "
             f"--out-dir {self.out_dir}")
@@ -2291,11 +2642,12 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser():
     parser = ArgumentParser(prog="gpt.py", description="GPT-2 in one file: train it, sample from it, look inside "
                             "it, time it.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,inspect,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,inspect,prepare,bench}")
     for name, config_class, about in (
         ("train", TrainConfig, "train a GPT on a text file (or fine-tune GPT-2 with --init-from)"),
         ("sample", SampleConfig, "write text with a trained model"),
         ("inspect", InspectConfig, "print the likely next tokens after a prompt; draw what the model attends to"),
+        ("prepare", PrepareConfig, "encode a text once into a token file that train --data memory-maps"),
         ("bench", BenchConfig, "time training and sampling of the default model on this machine"),
     ):
         command = commands.add_parser(name, help=about, description=about)
@@ -2324,6 +2676,8 @@ def main(argv=None):
             sample(SampleConfig(**given))
         elif args.command == "inspect":
             inspect(InspectConfig(**given))
+        elif args.command == "prepare":
+            prepare(PrepareConfig(**given))
         else:
             bench(BenchConfig(**given))
         return 0

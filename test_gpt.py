@@ -1103,6 +1103,221 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_checkpoin
 
 
 # ---------------------------------------------------------------------------------------------
+# corpora larger than memory: prepared token files
+# ---------------------------------------------------------------------------------------------
+
+# Texts that probe the cuts: every kind of whitespace at every place, words, digits,
+# punctuation, contractions, multi-byte characters, and GPT-2's special token.
+corpus_texts = st.lists(st.sampled_from([" ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u3000", "word", "Word",
+                                         "'s", "'ll", "42", "7", "!", ",", "...", "é", "日本", "🙂", "\x1c",
+                                         "<|endoftext|>"]), min_size=1, max_size=60).map("".join)
+
+
+@settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=corpus_texts, chunk=st.integers(1, 64), kind=st.sampled_from(["char", "bpe"]))
+def test_prepared_tokens_are_the_encoding_of_the_whole_text_wherever_the_chunks_end(text, chunk, kind, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(gpt, "PREPARE_CHUNK_BYTES", chunk)  # cuts every few bytes, not every 8 MB
+    source = tmp_path / f"text-{kind}-{chunk}.txt"
+    source.write_text(text, encoding="utf-8", newline="")
+    with contextlib.redirect_stderr(io.StringIO()):
+        path = gpt.prepare(gpt.PrepareConfig(data=str(source), tokenizer=kind, out=str(tmp_path / "t.tokens")))
+    header, tokens = gpt.read_token_file(path)
+    tokenizer = gpt.CharTokenizer.from_text(text) if kind == "char" else gpt.BPETokenizer()
+    expected = tokenizer.encode(text)
+    assert tokens[torch.arange(len(tokens))].tolist() == expected
+    assert header["tokens"] == len(expected) and header["dtype"] == "uint16" and header["source"] == source.name
+    assert header["source_bytes"] == len(text.encode("utf-8"))
+    assert gpt.tokenizer_from_dict(header["tokenizer"]).vocab_size == tokenizer.vocab_size
+
+
+def test_a_token_file_holds_ids_above_32767_and_uint32_when_the_vocabulary_needs_it(tmp_path):
+    source = tmp_path / "wide.txt"
+    source.write_text(" the cat sat on the mat; and then ~ a zebra (Zürich) in 2024", encoding="utf-8")
+    with contextlib.redirect_stderr(io.StringIO()):
+        header, tokens = gpt.read_token_file(gpt.prepare(gpt.PrepareConfig(data=str(source), tokenizer="bpe")))
+    ids = tokens[torch.arange(len(tokens))].tolist()
+    assert ids == gpt.BPETokenizer().encode(source.read_text(encoding="utf-8")) and max(ids) > 32767
+    many = "".join(chr(c) for c in range(0x20000, 0x20000 + 70_000))  # 70,000 characters: more than uint16 holds
+    source.write_text(many + " " + many[:10], encoding="utf-8")
+    with contextlib.redirect_stderr(io.StringIO()):
+        header, tokens = gpt.read_token_file(gpt.prepare(gpt.PrepareConfig(data=str(source), tokenizer="char")))
+    assert header["dtype"] == "uint32"
+    text = source.read_text(encoding="utf-8")
+    assert tokens[torch.arange(len(tokens))].tolist() == gpt.CharTokenizer.from_text(text).encode(text)
+
+
+def test_training_on_a_text_and_on_its_prepared_tokens_gives_the_same_run_bit_for_bit(tmp_path):
+    text_run = train_cfg(tmp_path, max_iters=20, eval_interval=10, dropout=0.1)
+    with contextlib.redirect_stderr(io.StringIO()):
+        tokens = gpt.prepare(gpt.PrepareConfig(data=text_run.data))
+    gpt.train(text_run)
+    gpt.train(gpt.dataclasses.replace(text_run, data=str(tokens), out_dir=str(tmp_path / "from-tokens")))
+    a, b = (gpt.load_checkpoint(Path(folder) / "last.pt") for folder in (text_run.out_dir, tmp_path / "from-tokens"))
+    assert_same_run(a, b)
+    assert a["history"] == b["history"] and a["tokenizer"] == b["tokenizer"]
+
+
+def test_resuming_on_data_prepared_with_another_tokenizer_is_refused_with_one_line(trained, tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
+    with contextlib.redirect_stderr(io.StringIO()):
+        bpe = gpt.prepare(gpt.PrepareConfig(data=str(data), tokenizer="bpe"))
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in trained.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    before = folder_bytes(run)
+    assert gpt.main(["train", "--resume", "--out-dir", str(run), "--data", str(bpe)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another tokenizer" in err and "GPT-2's BPE" in err and "char" in err, err
+    assert folder_bytes(run) == before
+
+
+def peak_memory_of(argv):
+    """Run a command; -> (its exit status, its peak resident memory in bytes), from the kernel's own accounting."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage.ru_maxrss * 1024  # Linux reports kilobytes
+
+
+def test_prepare_memory_does_not_grow_with_the_file(tmp_path):
+    # The same text, 3 MB and then 36 MB of it: read whole and encoded in one piece, the second
+    # would take about 400 MB more than the first (tiktoken's lists of ids alone: about 80 bytes
+    # a token); in 8 MB chunks it takes about the same.
+    memory = {}
+    for copies in (3, 36):
+        source = tmp_path / f"x{copies}.txt"
+        with open(source, "w", encoding="utf-8") as f:
+            for i in range(copies):
+                f.write(SHAKESPEARE[i * 1000:] + SHAKESPEARE[:i * 1000])  # the plays, turned by a little each time
+        code, memory[copies] = peak_memory_of([sys.executable, str(HERE / "gpt.py"), "prepare", "--data", str(source),
+                                               "--tokenizer", "bpe"])
+        assert code == 0
+    assert memory[36] - memory[3] < 100e6, memory
+
+
+def test_bad_prepare_inputs_get_one_line_and_leave_no_file(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("line one\nna\xefve\n".encode("latin-1"))
+    (tmp_path / "ok.txt").write_text("some text\n", encoding="utf-8")
+    (tmp_path / "a_file").write_text("not a folder")
+    cases = [
+        (["--data", str(tmp_path / "nope.txt")], ["nope.txt", "does not exist"]),
+        (["--data", str(tmp_path / "empty.txt")], ["empty.txt", "empty"]),
+        (["--data", str(tmp_path / "latin1.txt")], ["not UTF-8", "byte 11", "line 2"]),
+        (["--data", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "a_file" / "ok.tokens")], ["--out", "a_file"]),
+        (["--data", str(tmp_path / "ok.txt"), "--tokenizer", "words"], ["--tokenizer", "'words'"]),
+    ]
+    before = folder_bytes(tmp_path)
+    for argv, words in cases:
+        assert gpt.main(["prepare", *argv]) != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(word in err for word in words), (argv, err)
+        assert folder_bytes(tmp_path) == before, argv
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes: torchrun and DDP (gloo, on this CPU)
+# ---------------------------------------------------------------------------------------------
+
+def torchrun(processes, *args, wait=True, timeout=240):
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            str(HERE / "gpt.py"), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def ddp_args(tmp_path, **flags):
+    data = tmp_path / "data.txt"
+    data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
+    settings_ = {"data": data, "n-layer": 1, "n-head": 2, "n-embd": 32, "block-size": 32, "batch-size": 4,
+                 "grad-accum": 4, "eval-interval": 10, "eval-iters": 3, "dtype": "float32", "device": "cpu", **flags}
+    return ["train", *[x for name, value in settings_.items() for x in (f"--{name}", value)]]
+
+
+def test_two_processes_train_the_same_model_as_one_to_within_float_rounding(tmp_path):
+    one = run_gpt(*ddp_args(tmp_path, **{"max-iters": 30, "out-dir": tmp_path / "one"}))
+    two = torchrun(2, *ddp_args(tmp_path, **{"max-iters": 30, "out-dir": tmp_path / "two"}))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    a, b = (gpt.load_checkpoint(tmp_path / run / "last.pt") for run in ("one", "two"))
+    assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]] == [0, 10, 20, 30]
+    for h1, h2 in zip(a["history"], b["history"]):  # the same micro-batches; sums in another order
+        assert h1["train"] == pytest.approx(h2["train"], rel=1e-5) and h1["val"] == pytest.approx(h2["val"], rel=1e-5)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for name, weight in a["model_state"].items():
+        torch.testing.assert_close(weight, b["model_state"][name], rtol=1e-4, atol=1e-5)
+    assert len(b["rng_by_rank"]) == 2
+    assert two.stderr.count("step 30: train loss") == 1  # rank 0 alone logs
+
+
+def test_ctrl_c_under_torchrun_stops_all_processes_at_one_step_and_resumes_bit_for_bit(tmp_path):
+    flags = {"dropout": 0.1, "lr-decay-iters": 1000}
+    straight = torchrun(2, *ddp_args(tmp_path, **flags, **{"max-iters": 120, "out-dir": tmp_path / "straight"}))
+    assert straight.returncode == 0, straight.stderr
+    process = torchrun(2, *ddp_args(tmp_path, **flags, **{"max-iters": 1000, "out-dir": tmp_path / "stopped"}),
+                       wait=False)
+    wait_for(lambda: (tmp_path / "stopped" / "ckpt.pt").exists(), process, seconds=120)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)  # torchrun passes it to both processes
+    err = process.communicate(timeout=120)[1]
+    stopped = gpt.load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert 0 < stopped["step"] < 120 and "stopped at step" in err, err
+    assert err.count("stopped at step") == 1
+    again = tmp_path / "again"  # the same checkpoint, resumed by one process
+    again.mkdir()
+    for f in (tmp_path / "stopped").iterdir():
+        (again / f.name).write_bytes(f.read_bytes())
+    resumed = torchrun(2, "train", "--resume", "--out-dir", tmp_path / "stopped", "--max-iters", 120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(gpt.load_checkpoint(tmp_path / "straight" / "last.pt"),
+                    gpt.load_checkpoint(tmp_path / "stopped" / "last.pt"))
+    alone = run_gpt("train", "--resume", "--out-dir", again, "--max-iters", 120)
+    assert alone.returncode == 0, alone.stderr
+    finished = gpt.load_checkpoint(again / "last.pt")
+    assert finished["step"] == 120 and [h["step"] for h in finished["history"]][-1] == 120
+
+
+def child_processes(pid):
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_a_process_killed_outright_brings_the_others_down_and_leaves_a_loadable_checkpoint(tmp_path):
+    process = torchrun(2, *ddp_args(tmp_path, **{"max-iters": 100000, "eval-interval": 5, "out-dir": tmp_path / "out"}),
+                       wait=False)
+    wait_for(lambda: (tmp_path / "out" / "last.pt").exists(), process, seconds=120)
+    time.sleep(1.0)
+    workers = child_processes(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+               for pid in workers)
+    gpt.model_from_checkpoint(gpt.load_checkpoint(tmp_path / "out" / "last.pt"))
+
+
+def test_a_nan_stops_every_process_with_one_message_and_uneven_shares_are_refused(tmp_path):
+    diverged = torchrun(2, *ddp_args(tmp_path, **{"lr": 1e4, "min-lr": 1e4, "warmup-iters": 0, "max-iters": 200,
+                                                  "eval-interval": 100, "out-dir": tmp_path / "nan"}))
+    assert diverged.returncode != 0
+    assert diverged.stderr.count("error: training diverged") == 1, diverged.stderr
+    uneven = torchrun(2, *ddp_args(tmp_path, **{"grad-accum": 3, "out-dir": tmp_path / "uneven"}))
+    assert uneven.returncode != 0 and uneven.stderr.count("error: --grad-accum 3 is not divisible") == 1, uneven.stderr
+
+
+# ---------------------------------------------------------------------------------------------
 # pictures: the loss curve and the attention heatmaps
 # ---------------------------------------------------------------------------------------------
 
