@@ -1182,12 +1182,13 @@ def peak_memory_of(argv):
     return process.returncode, usage.ru_maxrss * 1024  # Linux reports kilobytes
 
 
-def test_prepare_memory_does_not_grow_with_the_file(tmp_path):
-    # The same text, 3 MB and then 36 MB of it: read whole and encoded in one piece, the second
-    # would take about 400 MB more than the first (tiktoken's lists of ids alone: about 80 bytes
-    # a token); in 8 MB chunks it takes about the same.
+def test_prepare_memory_is_bounded_whatever_the_files_size(tmp_path):
+    # The same plays, 18 MB and then 54 MB of them, through BPE. Read whole and encoded in one
+    # piece, the second would take about 800 MB (tiktoken's lists of ids alone: about 80 bytes a
+    # token); in 8 MB chunks, both take the same few hundred MB above Python and torch.
+    baseline = peak_memory_of([sys.executable, str(HERE / "gpt.py"), "--help"])[1]
     memory = {}
-    for copies in (3, 36):
+    for copies in (16, 48):
         source = tmp_path / f"x{copies}.txt"
         with open(source, "w", encoding="utf-8") as f:
             for i in range(copies):
@@ -1195,7 +1196,25 @@ def test_prepare_memory_does_not_grow_with_the_file(tmp_path):
         code, memory[copies] = peak_memory_of([sys.executable, str(HERE / "gpt.py"), "prepare", "--data", str(source),
                                                "--tokenizer", "bpe"])
         assert code == 0
-    assert memory[36] - memory[3] < 100e6, memory
+    assert abs(memory[48] - memory[16]) < 40e6 and memory[48] - baseline < 350e6, (baseline, memory)
+
+
+def test_training_memory_does_not_grow_with_the_corpus(tmp_path):
+    # Token files of 1 and 30 copies of the plays; a run that touched its data as a whole (or kept
+    # the pages it read mapped) would take tens of MB more on the second.
+    memory = {}
+    for copies in (1, 30):
+        source = tmp_path / f"x{copies}.txt"
+        source.write_text("".join(SHAKESPEARE[i * 1000:] + SHAKESPEARE[:i * 1000] for i in range(copies)),
+                          encoding="utf-8")
+        assert run_gpt("prepare", "--data", source).returncode == 0
+        code, memory[copies] = peak_memory_of([sys.executable, str(HERE / "gpt.py"), "train", "--data",
+                                               f"{source}.tokens", "--out-dir", tmp_path / f"run{copies}",
+                                               "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size",
+                                               "64", "--max-iters", "40", "--eval-interval", "20", "--eval-iters", "20",
+                                               "--device", "cpu"])
+        assert code == 0
+    assert memory[30] - memory[1] < 25e6, memory
 
 
 def test_bad_prepare_inputs_get_one_line_and_leave_no_file(tmp_path, capsys):
