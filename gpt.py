@@ -1771,6 +1771,9 @@ class TrainConfig:
     batch_size: int = option(16, "sequences per micro-batch (B)")
     grad_accum: int = option(1, "micro-batches per optimizer step (the gradient is their mean)")
     max_iters: int = option(5000, "optimizer steps to train for (5k steps: a usable model)")
+    max_minutes: float = option(None, "instead of --max-iters: time the first steps, then set --max-iters (and "
+                                "with it the learning-rate schedule) to fill about this many minutes of training "
+                                "and evaluation; the count is printed and saved", default_text="use --max-iters")
     lr: float = option(1e-3, "peak learning rate, reached after the warm-up")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay (Chinchilla: lr / 10)")
     warmup_iters: int = option(100, "steps of linear warm-up to --lr")
@@ -1798,6 +1801,11 @@ class TrainConfig:
         require(self.grad_clip > 0, f"--grad-clip must be positive, got {self.grad_clip}")
         require(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         require(self.peak_flops is None or self.peak_flops > 0, f"--peak-flops must be positive, got {self.peak_flops}")
+        require(self.max_minutes is None or self.max_minutes > 0, f"--max-minutes must be positive, got "
+                f"{self.max_minutes}")
+        require(self.max_minutes is None or self.warmup_iters >= 4, f"--max-minutes times the first steps, whose "
+                f"learning rate must not depend on the run's length: it needs --warmup-iters of 4 or more, got "
+                f"{self.warmup_iters}")
         require(self.tokenizer in (None, "char", "bpe"), f"unknown tokenizer {self.tokenizer!r}: expected char or bpe")
         if self.n_embd is not None and self.n_head is not None:
             require(self.n_embd % self.n_head == 0, f"--n-embd ({self.n_embd}) must be divisible by --n-head "
@@ -1813,9 +1821,12 @@ def resumed_config(given):
     """--resume: the settings saved in the run's checkpoint, overridden by the flags given now.
     -> (TrainConfig, the checkpoint)."""
     require("init_from" not in given, "--resume continues a run; it cannot also start from --init-from")
+    require("max_minutes" not in given, "--max-minutes plans a new run; a resumed run keeps the --max-iters it was "
+            "given or planned: give --max-iters to train it longer")
     checkpoint = load_checkpoint(resume_path(Path(given.get("out_dir", TrainConfig.out_dir))))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in checkpoint.get("train_args", {}).items() if k in fields}
+    saved["max_minutes"] = None  # planned once, when the run began: its count is the saved max_iters
     if "max_iters" in given and "lr_decay_iters" not in given and saved.get("lr_decay_iters") is None:
         # Training longer than planned: keep the learning rate where the saved run's schedule
         # puts it (at --min-lr once it has decayed), rather than stretching the cosine over the
@@ -1956,6 +1967,9 @@ class TrainingRun:
         self.loss = torch.tensor(resume["loss"] if resume is not None else float("nan"))  # the last step's loss
         self.first_bad_step = torch.full((), -1, device=self.device)  # set on the device, read only when we log
         self.log_start(resuming=resume is not None)
+        # --max-minutes: the steps 2 .. plan_at are timed, all within the warm-up, whose learning
+        # rate does not depend on max_iters: a run given the planned count takes the same steps.
+        self.plan_at = min(50, cfg.warmup_iters - 1) if cfg.max_minutes and resume is None else None
 
     def restore(self, checkpoint):
         """Continue where the checkpoint stopped: weights, optimizer, step, history, random state."""
@@ -2065,6 +2079,8 @@ class TrainingRun:
         processes, all of them must stop after the same step)."""
         cfg, stop = self.cfg, bool(stop_requested)
         self.loss = loss
+        if self.plan_at is not None and self.step in (1, self.plan_at):
+            self.plan_length()
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss), self.step - 1,
                                           self.first_bad_step)  # step - 1: the step that made this loss
         now = time.perf_counter()
@@ -2091,6 +2107,24 @@ class TrainingRun:
             f"{self.tokens_per_step / dt:,.0f} tok/s | MFU {flops / self.peak:.0%} | ETA {duration(eta)}")
         self.last_log_time, self.last_log_step = now, self.step
         return stop
+
+    def plan_length(self):
+        """--max-minutes: at step 1, start a clock; at step plan_at, set cfg.max_iters (the loop and
+        the learning-rate schedule read it) to fill the minutes left with steps at the speed of the
+        steps since, and evaluations as long as the one at step 0. The same count on every process."""
+        cfg = self.cfg
+        synchronize(self.device)
+        if self.step == 1:
+            self.plan_clock = time.perf_counter()
+            return
+        now = time.perf_counter()
+        step_seconds = (now - self.plan_clock) / (self.step - 1)
+        left = cfg.max_minutes * 60 - (now - self.started) - self.eval_seconds  # the last evaluation included
+        steps = self.step + max(0, int(left / (step_seconds + self.eval_seconds / cfg.eval_interval)))
+        steps = int(reduced(torch.tensor(float(steps) if process_rank() == 0 else 0.0), dist.ReduceOp.MAX))
+        cfg.max_iters, self.plan_at = steps, None
+        log(f"--max-minutes {cfg.max_minutes:g}: {steps:,} steps fit ({step_seconds * 1000:,.0f} ms a step, "
+            f"{self.eval_seconds:.1f} s an evaluation); training as with --max-iters {steps}")
 
     def stop(self):
         self.save(self.out_dir / "last.pt")

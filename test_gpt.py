@@ -808,6 +808,8 @@ BAD_INPUTS = [  # (what is wrong, the command line, words its one-line error mus
     ("lr negative", [*TRAIN, "--lr", "-0.001"], ["--lr", "-0.001"]),
     ("min_lr negative", [*TRAIN, "--min-lr", "-1"], ["--min-lr", "-1"]),
     ("warmup negative", [*TRAIN, "--warmup-iters", "-1"], ["--warmup-iters", "-1"]),
+    ("max_minutes 0", [*TRAIN, "--max-minutes", "0"], ["--max-minutes", "positive", "0"]),
+    ("max_minutes without warm-up", [*TRAIN, "--max-minutes", "1", "--warmup-iters", "2"], ["--warmup-iters", "4"]),
     ("dropout 1", [*TRAIN, "--dropout", "1"], ["--dropout", "[0, 1)", "1"]),
     ("dropout negative", [*TRAIN, "--dropout", "-0.1"], ["--dropout", "-0.1"]),
     ("not a number", [*TRAIN, "--lr", "fast"], ["--lr", "'fast'"]),
@@ -1065,6 +1067,25 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(stop, tmp_path
     a, b = (gpt.load_checkpoint(tmp_path / run / "last.pt") for run in ("a", "b"))
     assert_same_run(a, b)
     assert a["history"] == [h for h in b["history"] if h["step"] % 25 == 0 or h["step"] == total]
+
+
+def test_max_minutes_plans_a_step_count_that_reproduces_the_run_and_resumes(tmp_path, capsys):
+    cfg = train_cfg(tmp_path, max_minutes=0.05, warmup_iters=10, max_iters=100000, eval_interval=50)  # 3 seconds
+    start = time.perf_counter()
+    result = gpt.train(cfg)
+    assert time.perf_counter() - start < 3 + 10  # the budget, and the setting up around it
+    planned = gpt.load_checkpoint(tmp_path / "out" / "last.pt")
+    steps = planned["train_args"]["max_iters"]
+    assert result["step"] == planned["step"] == steps < 100000 and planned["train_args"]["max_minutes"] == 0.05
+    assert f"training as with --max-iters {steps}" in capsys.readouterr().err
+    # the same run, given that count: the same weights, bit for bit
+    gpt.train(gpt.dataclasses.replace(cfg, max_minutes=None, max_iters=steps, out_dir=str(tmp_path / "counted")))
+    assert_same_run(planned, gpt.load_checkpoint(tmp_path / "counted" / "last.pt"))
+    # and it resumes like any other run: with more steps, or refusing to plan again
+    longer, checkpoint = gpt.resumed_config({"resume": True, "out_dir": str(tmp_path / "out"), "max_iters": steps + 5})
+    assert longer.max_minutes is None and gpt.train(longer, checkpoint)["step"] == steps + 5
+    with pytest.raises(gpt.GPTError, match="--max-minutes plans a new run"):
+        gpt.resumed_config({"resume": True, "out_dir": str(tmp_path / "out"), "max_minutes": 1.0})
 
 
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
