@@ -983,7 +983,7 @@ def flops_per_token(model):
 
 PUBLISHED_PEAKS = {  # dense bf16/fp16 tensor-core FLOP/s per GPU, from NVIDIA's datasheets; SXM unless named
     "H100": 989e12, "H100 PCIE": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H200 NVL": 835e12,
-    "H800": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "H800": 989e12, "H800 PCIE": 756e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
     "A10": 125e12, "V100": 125e12, "V100 PCIE": 112e12, "T4": 65e12,
 }
 
@@ -1175,14 +1175,14 @@ def text_chunks(path, chunk_bytes=None, progress=None):
     try:
         with open(path, "rb") as f:
             while raw := f.read(chunk_bytes):
-                held = len(decoder.getstate()[0])  # bytes of a character cut by the last read
+                held = decoder.getstate()[0]  # the bytes of a character cut by the last read
                 try:
                     pending += decoder.decode(raw)
-                except UnicodeDecodeError as e:
-                    where = done - held + e.start
-                    line = lines + raw[:max(e.start - held, 0)].count(b"\n") + 1
+                except UnicodeDecodeError as e:  # e.start counts from the held bytes
+                    where, seen = done - len(held) + e.start, held + raw
+                    line = lines + seen[len(held):max(e.start, len(held))].count(b"\n") + 1
                     raise GPTError(f"data file {str(path)!r} is not UTF-8 text: byte {where} (line {line}) is "
-                                   f"{raw[e.start - held:e.start - held + 1]!r}; save it as UTF-8") from None
+                                   f"{seen[e.start:e.start + 1]!r}; save it as UTF-8") from None
                 done, lines = done + len(raw), lines + raw.count(b"\n")
                 if progress:
                     progress(done)
@@ -1193,12 +1193,13 @@ def text_chunks(path, chunk_bytes=None, progress=None):
                     pending = pending[cut:]
                 require(len(pending) < LONGEST_UNCUT, f"data file {str(path)!r} has over {LONGEST_UNCUT >> 20} MB "
                         f"without whitespace after a word: prepare cuts the text there, to bound its memory")
+            held = decoder.getstate()[0]
             pending += decoder.decode(b"", final=True)
     except OSError as e:
         raise GPTError(f"cannot read data file {str(path)!r}: {e.strerror}") from None
-    except UnicodeDecodeError as e:  # the file ends inside a character
-        raise GPTError(f"data file {str(path)!r} is not UTF-8 text: its last {len(raw) - e.start} byte(s) are an "
-                       f"unfinished character; save it as UTF-8") from None
+    except UnicodeDecodeError:  # the file ends inside a character
+        raise GPTError(f"data file {str(path)!r} is not UTF-8 text: it ends inside a character, at byte "
+                       f"{done - len(held)} ({held!r}); save it as UTF-8") from None
     require(done, f"data file {str(path)!r} is empty")
     if pending:
         yield pending
@@ -1525,13 +1526,18 @@ def download(url, target):
 
 
 def download_gpt2(name):
-    """Fetch config.json and model.safetensors of a GPT-2 size once; afterwards read them offline."""
+    """Fetch config.json and model.safetensors of a GPT-2 size once; afterwards read them offline.
+    Several processes (torchrun) take turns through a lock: the first downloads, the rest find it."""
     folder = cache_folder() / name
-    for file in ("config.json", "model.safetensors"):
-        target = folder / file
-        if not target.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            download(GPT2_URL.format(name=name, file=file), target)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        if hasattr(os, "O_RDONLY") and sys.platform != "win32":
+            import fcntl  # Unix
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        for file in ("config.json", "model.safetensors"):
+            target = folder / file
+            if not target.exists():
+                download(GPT2_URL.format(name=name, file=file), target)
     return folder
 
 
@@ -2035,8 +2041,9 @@ class TrainingRun:
         return bool(self.history) and self.history[-1]["step"] == step
 
     def check_finite(self):
-        bad = int(reduced(self.first_bad_step, dist.ReduceOp.MAX))  # any process's NaN stops them all
-        if bad >= 0:
+        none = torch.iinfo(torch.int64).max  # no bad step: the largest number, so that MIN finds the first one
+        bad = int(reduced(torch.where(self.first_bad_step < 0, none, self.first_bad_step), dist.ReduceOp.MIN))
+        if bad != none:  # any process's NaN stops them all
             last_good = f"{self.history[-1]['val']:.4f} at step {self.history[-1]['step']}" if self.history else "none yet"
             raise GPTError(f"training diverged: the loss became NaN or infinite at step {bad} (last good val loss "
                            f"{last_good}); {self.out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
@@ -2052,8 +2059,9 @@ class TrainingRun:
         for split, data, seed in (("train", self.train_data, cfg.seed + 1), ("val", self.val_data, cfg.seed + 2)):
             losses[split] = estimate_loss(self.compiled, data, cfg, cfg.block_size, self.device, self.autocast_ctx,
                                           seed, split)  # not through DDP: no process waits for another's batches
-        require(math.isfinite(losses["val"]), f"training diverged: the val loss is {losses['val']} at step "
-                f"{self.step}; {self.out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
+        bad = [f"the {split} loss is {losses[split]}" for split in ("train", "val") if not math.isfinite(losses[split])]
+        require(not bad, f"training diverged: {' and '.join(bad)} at step {self.step}; {self.out_dir / 'ckpt.pt'} "
+                f"is untouched. Try a lower --lr, or --dtype float32")
         self.history.append(losses)
         if losses["val"] < self.best_val:
             self.best_val = losses["val"]
@@ -2130,6 +2138,8 @@ class TrainingRun:
 
     def stop(self):
         self.save(self.out_dir / "last.pt")
+        if dist.is_initialized():
+            dist.destroy_process_group()
         log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. Continue with: "
             f"python gpt.py train --resume --out-dir {self.out_dir}")
         return {"step": self.step, "best_val_loss": self.best_val, "history": self.history, "interrupted": True}
@@ -2329,8 +2339,10 @@ def loss_curve_svg(history):
 
 
 def visible(token_text):
-    """A token as it can be seen: a newline, a space or a tab drawn as a sign."""
-    return token_text.replace("\n", "\u23ce").replace(" ", "\u2423").replace("\t", "\u21e5")
+    """A token as it can be seen: a newline, a space or a tab drawn as a sign, other control
+    characters as Unicode's pictures of them (XML cannot hold most of them as they are)."""
+    text = token_text.replace("\n", "\u23ce").replace(" ", "\u2423").replace("\t", "\u21e5")
+    return "".join(chr(0x2400 + ord(ch)) if ord(ch) < 0x20 else "\u2421" if ch == "\x7f" else ch for ch in text)
 
 
 def weight_color(w):
@@ -2405,20 +2417,23 @@ class InspectConfig:
 
 @torch.no_grad()
 def inspect(cfg, out=None):
-    """Print the most likely next tokens after cfg.prompt; draw the attention over its tokens.
-    -> (the top probabilities as (token id, probability) pairs, the weights drawn)."""
+    """Print the most likely next tokens after cfg.prompt; draw the attention over its last
+    tokens. -> (the top probabilities as (token id, probability) pairs, every layer's weights over
+    the whole prompt, (nh, T, T) each). The model reads the whole prompt (its last block_size
+    tokens); a longer prompt than max_tokens is drawn cut to its last ones, their rows then
+    showing only the part of each token's attention that falls on the tokens drawn."""
     out = out or sys.stdout
     model, tokenizer = trained_model(cfg.out_dir, cfg.init_from)
-    ids = tokenizer.encode(cfg.prompt) or [tokenizer.start_token]
-    shown = ids[-min(cfg.max_tokens, model.config.block_size):]
+    ids = (tokenizer.encode(cfg.prompt) or [tokenizer.start_token])[-model.config.block_size:]
+    shown = ids[-cfg.max_tokens:]
     if len(shown) < len(ids):
-        log(f"the prompt has {len(ids)} tokens; the picture shows its last {len(shown)}")
+        log(f"the model read {len(ids)} tokens; the picture shows the attention among the last {len(shown)}")
     model.eval()
     for module in model.modules():  # the written-out attention: its softmax is what is drawn
         if isinstance(module, CausalSelfAttention):
             module.attention = "written out"
     with recording_softmax() as softmaxes:
-        logits, _ = model(torch.tensor([shown]))  # (1, T, V), in float32 on the CPU
+        logits, _ = model(torch.tensor([ids]))  # (1, T, V), in float32 on the CPU
     weights = [w[0] for w in softmaxes]  # per layer: (1, nh, T, T) -> (nh, T, T)
     probs = F.softmax(logits[0, -1].double(), dim=-1)  # (V,): the next token after the prompt
     top = torch.topk(probs, min(cfg.top, probs.numel()))
@@ -2429,7 +2444,8 @@ def inspect(cfg, out=None):
     path = Path(cfg.svg) if cfg.svg else Path(cfg.out_dir) / "attention.svg"
     labels = [visible(tokenizer.token_bytes(i).decode("utf-8", errors="replace")) for i in shown]
     check_writable(path.parent)
-    write_atomically(path, attention_svg(weights, labels))
+    n = len(shown)
+    write_atomically(path, attention_svg([w[:, -n:, -n:] for w in weights], labels))  # (nh, n, n) each
     log(f"wrote {path}: {len(weights)} layers x {weights[0].size(0)} heads over {len(shown)} tokens")
     out.flush()
     return list(zip(top.indices.tolist(), top.values.tolist())), weights
@@ -2505,10 +2521,15 @@ def memory_bounded(device):
         yield
         return
     import resource  # Unix only
-    available = int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
-    in_use = int(re.search(r"VmSize:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+    available = re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text())
+    in_use = re.search(r"VmSize:\s+(\d+)", Path("/proc/self/status").read_text())
     before = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (in_use + int(0.8 * available), before[1]))
+    if available is None or in_use is None:  # an old kernel: leave the limits as they are
+        yield
+        return
+    cap = (int(in_use.group(1)) + int(0.8 * int(available.group(1)))) * 1024
+    cap = min([cap] + [limit for limit in before if limit != resource.RLIM_INFINITY])  # never loosen a limit
+    resource.setrlimit(resource.RLIMIT_AS, (cap, before[1]))
     try:
         yield
     finally:
@@ -2526,10 +2547,13 @@ def memory_high_water(device, reset=False):
     status = Path("/proc/self/status")
     if device.type != "cpu" or not status.exists():
         return None
-    if reset:
-        ctypes.CDLL(None).malloc_trim(0)  # memory freed but kept by malloc goes back: resident = in use
-        Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak to the current resident size
-    return int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) * 1024
+    try:
+        if reset:
+            ctypes.CDLL(None).malloc_trim(0)  # memory freed but kept by malloc goes back: resident = in use
+            Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak to the current resident size
+        return int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) * 1024
+    except (OSError, AttributeError):  # no glibc, or a kernel that will not reset the peak: not measured
+        return None
 
 
 def time_context(T, attention, device, dtype, cfg):
@@ -2564,7 +2588,7 @@ def time_context(T, attention, device, dtype, cfg):
         float(loss)  # waits for a GPU
         seconds = (time.perf_counter() - start) / cfg.context_steps
         peak = memory_high_water(device)
-        return seconds, None if peak is None else peak - before
+        return seconds, None if peak is None or before is None else peak - before
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if "memory" not in str(e).lower():
             raise
@@ -2593,7 +2617,7 @@ def bench_contexts(cfg, out):
         for T in contexts:
             cells = []
             for variant in variants:
-                if variant in out_of_memory:
+                if variant in out_of_memory and T >= out_of_memory[variant]:
                     cells.append(f"not tried (out of memory at {out_of_memory[variant]}) | | ")
                     continue
                 result = time_context(T, variant, device, dtype, cfg)

@@ -1238,6 +1238,20 @@ def test_training_memory_does_not_grow_with_the_corpus(tmp_path):
     assert memory[30] - memory[1] < 25e6, memory
 
 
+@pytest.mark.parametrize("raw, chunk, words", [
+    (b"ab\xe2\x82" + b"Xyz", 4, ["byte 2", "(line 1)", "b'\\xe2'"]),  # a character cut by a read, then broken
+    (b"a\nb\xe2\x82", 2, ["ends inside a character", "byte 3"]),
+    (b"line one\nna\xefve\n", 3, ["byte 11", "(line 2)", "b'\\xef'"]),
+])
+def test_prepare_names_the_byte_and_line_of_bad_utf8_whatever_the_chunks(raw, chunk, words, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpt, "PREPARE_CHUNK_BYTES", chunk)
+    (tmp_path / "bad.txt").write_bytes(raw)
+    with pytest.raises(gpt.GPTError) as error:
+        with contextlib.redirect_stderr(io.StringIO()):
+            gpt.prepare(gpt.PrepareConfig(data=str(tmp_path / "bad.txt")))
+    assert all(word in str(error.value) for word in words), str(error.value)
+
+
 def test_bad_prepare_inputs_get_one_line_and_leave_no_file(tmp_path, capsys):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "latin1.txt").write_bytes("line one\nna\xefve\n".encode("latin-1"))
@@ -1416,10 +1430,10 @@ def inspected(trained, tmp_path_factory):
     return dict(prompt=prompt, svg=svg, top=top, weights=weights, out=out.getvalue(), err=err.getvalue())
 
 
-def test_inspect_prints_the_softmax_of_the_models_last_logits(inspected, trained):
+def test_inspect_prints_the_softmax_of_the_models_last_logits_over_the_whole_prompt(inspected, trained):
     model, tokenizer = gpt.model_from_checkpoint(gpt.load_checkpoint(trained / "ckpt.pt"))
-    with torch.no_grad():
-        logits = model.eval()(torch.tensor([tokenizer.encode(inspected["prompt"])[-12:]]))[0][0, -1]
+    with torch.no_grad():  # the whole prompt, as far as the model reaches (block_size 16), not only the 12 drawn
+        logits = model.eval()(torch.tensor([tokenizer.encode(inspected["prompt"])[-16:]]))[0][0, -1]
     probs = torch.softmax(logits.double(), dim=-1)
     lines = inspected["out"].splitlines()[1:]
     assert len(lines) == 10
@@ -1434,7 +1448,7 @@ def test_inspect_prints_the_softmax_of_the_models_last_logits(inspected, trained
 def test_inspect_draws_the_models_own_attention_weights(inspected, trained):
     # Layer 0 by hand, independent of gpt.py's attention: embeddings, ln_1, c_attn, one head at a time.
     model, tokenizer = gpt.model_from_checkpoint(gpt.load_checkpoint(trained / "ckpt.pt"))
-    ids = torch.tensor(tokenizer.encode(inspected["prompt"])[-12:])
+    ids = torch.tensor(tokenizer.encode(inspected["prompt"])[-16:])  # what the model reads: block_size tokens
     T, C, nh = len(ids), model.config.n_embd, model.config.n_head
     block = model.transformer.h[0]
     with torch.no_grad():
@@ -1447,7 +1461,7 @@ def test_inspect_draws_the_models_own_attention_weights(inspected, trained):
             scores = (q @ k.T / math.sqrt(hs)).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
             torch.testing.assert_close(inspected["weights"][0][head], torch.softmax(scores, dim=-1), atol=1e-5, rtol=0)
     assert len(inspected["weights"]) == model.config.n_layer
-    assert "last 12" in inspected["err"]
+    assert "read 16 tokens" in inspected["err"] and "last 12" in inspected["err"]
 
 
 def test_the_attention_picture_shades_each_weight_and_leaves_the_future_blank(inspected):
@@ -1459,18 +1473,20 @@ def test_the_attention_picture_shades_each_weight_and_leaves_the_future_blank(in
         layer, head = int(g.get("data-layer")), int(g.get("data-head"))
         rows = {}
         for rect in g.iter(SVG + "rect"):
-            i, j = int(rect.get("y")), int(rect.get("x"))  # the cell of query i and key j
+            i, j = int(rect.get("y")), int(rect.get("x"))  # the cell of query i and key j of the last 12 of 16
             assert j <= i  # nothing drawn above the diagonal: the future is blank
-            w = inspected["weights"][layer][head, i, j].item()
-            rows[i] = rows.get(i, 0.0) + w
+            w = inspected["weights"][layer][head, 4 + i, 4 + j].item()
+            rows[i] = rows.get(i, 0) + 1
             cells.append((w, tuple(int(rect.get("fill")[n:n + 2], 16) for n in (1, 3, 5))))
-        # every row of every heatmap drawn, over exactly the keys it may see, and its weights sum to 1
-        assert sorted(rows) == list(range(12)) and all(abs(s - 1) < 1e-5 for s in rows.values())
+        assert rows == {i: i + 1 for i in range(12)}  # every row drawn, over exactly the keys it may see
+        torch.testing.assert_close(inspected["weights"][layer][head].sum(-1), torch.ones(16))  # softmax rows
     cells.sort()
     for (w1, c1), (w2, c2) in zip(cells, cells[1:]):  # darker, channel by channel, as the weight grows
         assert all(a >= b for a, b in zip(c1, c2)), (w1, c1, w2, c2)
     labels = [t.text for t in root.iter(SVG + "text")]
     assert "\u23ce" in labels and "\u2423" in labels  # the newline and the spaces are drawn as signs
+    weights = [torch.softmax(torch.randn(1, 3, 3), dim=-1)]
+    ElementTree.fromstring(gpt.attention_svg(weights, [gpt.visible(ch) for ch in "\x0c\x1b\x7f"]))  # XML holds it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1533,7 +1549,8 @@ def test_the_first_log_line_waits_for_the_device_before_reading_the_clock(tmp_pa
     ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-40GB", 312e12),
     ("NVIDIA A100 80GB PCIe", 312e12), ("Tesla T4", 65e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12),
     ("Tesla V100-SXM2-16GB", 125e12), ("Tesla V100-PCIE-32GB", 112e12),
-    ("NVIDIA RTX A1000", None), ("NVIDIA T400", None), ("NVIDIA B200", None), ("NVIDIA GeForce RTX 4090", None),
+    ("NVIDIA H800 PCIe", 756e12), ("NVIDIA RTX A1000", None), ("NVIDIA T400", None), ("NVIDIA B200", None),
+    ("NVIDIA GeForce RTX 4090", None),
 ])
 def test_published_peaks_are_found_by_whole_card_names(card, peak):
     assert gpt.published_peak_flops(card) == peak
