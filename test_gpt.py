@@ -285,6 +285,37 @@ def test_the_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_min_lr(w
     assert all(r == pytest.approx(min_lr) for r in rates[decay:])
 
 
+@quick
+@given(p=st.sampled_from([0.05, 0.1, 0.2, 0.5]), n=st.integers(1, 9), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_dropout_zeroes_a_fraction_p_scales_the_rest_by_1_over_1_minus_p_and_masks_the_gradient(p, n, dtype):
+    torch.manual_seed(n)
+    x = (torch.rand(3, 40_000 + n) + 1).to(dtype).t().requires_grad_()  # no zeros; a transposed view, odd size
+    y = gpt.dropout(x, p, training=True)
+    dropped = y == 0
+    # kept entries are x / (1 - p) as F.dropout computes it: x times the scale rounded to x's format
+    scale = torch.tensor(1 / (1 - p), dtype=dtype)
+    assert torch.equal(y[~dropped], x[~dropped] * scale)
+    # each entry dropped with probability p: within 5 standard deviations over 120k entries
+    sd = math.sqrt(p * (1 - p) / x.numel())
+    assert abs(dropped.double().mean().item() - p) < 5 * sd
+    # and independently of where it sits: each of the 4 numbers cut from one 64-bit draw, and each column
+    lanes = dropped.reshape(-1)[: x.numel() // 4 * 4].view(-1, 4).double().mean(0)
+    assert (lanes - p).abs().max() < 5 * sd * 2, lanes
+    assert (dropped.double().mean(0) - p).abs().max() < 5 * math.sqrt(p * (1 - p) / x.size(0))
+    grad = torch.randn_like(x)
+    y.backward(grad)
+    assert torch.equal(x.grad, grad * torch.where(dropped, 0, scale).to(dtype))  # the same mask, the same scale
+
+
+def test_dropout_is_the_identity_when_not_training_or_p_is_0_and_follows_the_seed():
+    x = torch.randn(8, 16)
+    assert gpt.dropout(x, 0.3, training=False) is x and gpt.dropout(x, 0.0, training=True) is x
+    torch.manual_seed(5)
+    a, b = gpt.dropout(x, 0.3, True), gpt.dropout(x, 0.3, True)
+    torch.manual_seed(5)
+    assert torch.equal(gpt.dropout(x, 0.3, True), a) and not torch.equal(a, b)  # same seed, same mask; fresh masks
+
+
 def test_weight_decay_applies_to_matrices_only():
     model = gpt.GPT(gpt.GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=8))
     optimizer = gpt.make_optimizer(model, gpt.TrainConfig(weight_decay=0.1))
@@ -1573,6 +1604,11 @@ def test_attention_on_mps_is_fused_in_float32_only_and_a_cpu_trains_bfloat16_wri
     assert gpt.use_fused_attention(q(CPU, torch.bfloat16, T=1024))
     with torch.no_grad():
         assert gpt.use_fused_attention(q(CPU, torch.bfloat16))
+    # training with dropout on a CPU: written out, whose dropout is the faster one (section 8)
+    assert not gpt.use_fused_attention(q(CPU, torch.float32), 0.1) and not gpt.use_fused_attention(q(CPU, torch.bfloat16, T=1024), 0.1)
+    assert gpt.use_fused_attention(q(CUDA, torch.bfloat16), 0.1)
+    with torch.no_grad():
+        assert gpt.use_fused_attention(q(CPU, torch.float32), 0.1)
 
 
 # ---------------------------------------------------------------------------------------------
