@@ -87,7 +87,7 @@ def train_cfg(tmp_path, text=SHAKESPEARE[:20000], **overrides):
     data.write_text(text, encoding="utf-8")
     settings_ = dict(data=str(data), out_dir=str(tmp_path / "out"), device="cpu", dtype="float32", n_layer=1,
                      n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=20, eval_interval=10, eval_iters=2,
-                     warmup_iters=2)
+                     warmup_iters=2, dropout=0.0)  # no dropout unless a test asks: runs compared exactly
     return gpt.TrainConfig(**{**settings_, **overrides})
 
 
@@ -1320,7 +1320,8 @@ def ddp_args(tmp_path, **flags):
     data = tmp_path / "data.txt"
     data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
     settings_ = {"data": data, "n-layer": 1, "n-head": 2, "n-embd": 32, "block-size": 32, "batch-size": 4,
-                 "grad-accum": 4, "eval-interval": 10, "eval-iters": 3, "dtype": "float32", "device": "cpu", **flags}
+                 "grad-accum": 4, "eval-interval": 10, "eval-iters": 3, "dtype": "float32", "device": "cpu",
+                 "dropout": 0, **flags}  # no dropout unless asked: its masks differ from process to process
     return ["train", *[x for name, value in settings_.items() for x in (f"--{name}", value)]]
 
 
