@@ -2216,9 +2216,10 @@ def check_sampling_settings(temperature, top_k, top_p, prefix="", prompt=None):
 
 def checked_draw(next_ids, probs):
     """next_ids (B, 1) drawn from probs (B, V) -> next_ids, if every id is a token that could be drawn."""
-    ids = next_ids.flatten().tolist()
-    if not all(0 <= i < probs.size(-1) and probs[row, i] > 0 for row, i in enumerate(ids)):
-        raise RuntimeError(f"the sampler drew an impossible token id {ids}")
+    for row, i in enumerate(next_ids.flatten().tolist()):
+        why = "outside the vocabulary" if not 0 <= i < probs.size(-1) else "of probability 0" if probs[row, i] == 0 else ""
+        require(not why, f"the random draw gave an impossible token id {i}, {why} ({probs.size(-1)} tokens): "
+                f"torch.multinomial misbehaved, and nothing was written from it")
     return next_ids
 
 
