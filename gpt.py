@@ -3,6 +3,7 @@
     python gpt.py train            # train a character-level GPT on input.txt (Shakespeare)
     python gpt.py sample           # write text with the checkpoint that training saved
     python gpt.py inspect          # the likely next tokens after a prompt, and what the model attends to
+    python gpt.py prepare          # encode a large text once into a file of token ids for train --data
     python gpt.py bench            # measure this machine: training and sampling speed
     python gpt.py train --help     # every flag, with its default
 
@@ -18,8 +19,8 @@ text to logits, to a gradient step, to a sampled next token.
     1. Config           what a model is made of: GPTConfig
     2. Tokenizers       text <-> integers: CharTokenizer, BPETokenizer
     3. Data             token ids -> batches of (input, target) windows
-    4. Model            attention (written out, then fused), MLP, Block, GPT
-    5. Training         learning-rate schedule, AdamW, one training step, evaluation, the loop
+    4. Model            attention (written out, then fused), RoPE, MLP, Block, GPT
+    5. Training         learning-rate schedule, AdamW, one training step, evaluation, the run
     6. Sampling         temperature, top-k, top-p; recomputing the context; the KV cache
 
 Part II (sections 7 to 16, listed where it begins) makes it fast, safe and usable; read it
@@ -35,7 +36,6 @@ Shapes are written in comments with these letters:
 """
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -53,20 +53,17 @@ import tiktoken
 # ---- 1. Config -------------------------------------------------------------------------------
 #
 # Everything that decides the *shape* of a model, and so which checkpoints it can load. The
-# defaults are a "typical" small model of about 4.8M parameters, small enough to train on a
-# laptop's CPU. GPT-2 small is GPTConfig(vocab_size=50257, block_size=1024, n_layer=12,
-# n_head=12, n_embd=768).
+# defaults are a small model of about 4.8M parameters. GPT-2 small is GPTConfig(vocab_size=50257,
+# block_size=1024, n_layer=12, n_head=12, n_embd=768). `train`'s flags choose their own shape.
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 65    # how many different tokens; train sets it from the tokenizer: 76 characters in
-                            # input.txt, 50257 for GPT-2's BPE (65: tinyshakespeare, another corpus)
+    vocab_size: int = 65    # how many different tokens; train takes it from the tokenizer (50257 for GPT-2's BPE)
     block_size: int = 256   # the longest context the model can look at (T <= block_size)
     n_layer: int = 6        # how many transformer blocks are stacked
     n_head: int = 8         # attention heads per block; each looks at hs = n_embd // n_head channels
     n_embd: int = 256       # C: the width of every token's vector
-    dropout: float = 0.0    # probability of zeroing an activation while training; `train` gives
-                            # 0.1 by default (Hugging Face's GPT-2 config: 0.1; OpenAI's code: none)
+    dropout: float = 0.0    # probability of zeroing an activation while training (Hugging Face's GPT-2: 0.1)
     bias: bool = True       # GPT-2 has biases in its Linear and LayerNorm layers
     pos: str = "learned"    # positions: "learned" (GPT-2's wpe) or "rope" (rotations of q and k)
 
@@ -138,19 +135,17 @@ class BPETokenizer:
 
 # ---- 3. Data ---------------------------------------------------------------------------------
 #
-# The whole text (read by read_text, section 9) is encoded once into one long tensor of token
-# ids. The first 90% trains the model, the last 10% measures how well it does on text it never
-# trained on (validation). A training example is a random window of block_size + 1 tokens: the
-# model reads the first block_size and, at every position t, predicts the token at t + 1. So
-# one window teaches block_size predictions at once, each with a different amount of context.
+# The whole text is encoded once into one long tensor of token ids. The first 90% trains the
+# model, the last 10% measures how well it does on text it never trained on (validation). A
+# training example is a random window of block_size + 1 tokens: the model reads the first
+# block_size and, at every position t, predicts the token at t + 1. So one window teaches
+# block_size predictions at once, each with a different amount of context.
 
-def split_data(ids, block_size):
-    """One list of token ids -> (train, val) tensors: the first 90% and the last 10%."""
-    data = torch.tensor(ids, dtype=torch.long)  # (N,)
+def split_data(data, block_size):
+    """Token ids (N,) -> (train, val): the first 90% and the last 10%, both still (N',) ids."""
     n_train = int(0.9 * len(data))  # 90/10, as nanoGPT splits tinyshakespeare
-    train, val = data[:n_train], data[n_train:]  # (0.9 N,), (0.1 N,)
-    check_long_enough(len(data), len(val), block_size)  # each split holds a window: section 9
-    return train, val
+    check_long_enough(len(data), len(data) - n_train, block_size)  # each split holds a window: section 9
+    return data[:n_train], data[n_train:]  # (0.9 N,), (0.1 N,)
 
 
 def get_batch(data, block_size, batch_size, generator):
@@ -181,10 +176,11 @@ def causal_mask(Tq, Tk, dtype, device):
     t + 1: a position that could look ahead would copy its answer instead of predicting it (and
     when sampling, the future does not exist yet). So the query at position t sees keys 0..t
     only: the mask adds 0 there and -inf on the future, whose weight becomes exp(-inf) = 0.
-    Query i sits at position Tk - Tq + i. In training (Tq = Tk = 3), and for 2 new queries after
-    3 cached keys:      [0 -inf -inf]            [0 0 0 0 -inf]
-                        [0    0 -inf]            [0 0 0 0    0]
-                        [0    0    0]
+    The queries are the last Tq of Tk positions: Tq = Tk in training; after 3 cached keys, 2
+    new queries sit at positions 3 and 4.
+        training, Tq = Tk = 3:   [0 -inf -inf]      2 new queries, Tk = 5:   [0 0 0 0 -inf]
+                                 [0    0 -inf]                               [0 0 0 0    0]
+                                 [0    0    0]
     (Built from comparisons of positions: torch.triu of -inf has given NaN on Apple's GPUs.)"""
     query_positions = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
     future = torch.arange(Tk, device=device) > query_positions  # (Tk,) > (Tq, 1) -> (Tq, Tk)
@@ -195,16 +191,16 @@ def causal_attention_written_out(q, k, v, dropout_p=0.0):
     """Attention as the paper writes it, the version to learn: softmax(q @ k^T / sqrt(hs) + mask) @ v.
 
     q is (B, nh, Tq, hs); k and v are (B, nh, Tk, hs) with Tk >= Tq: the queries are the last
-    Tq of the Tk positions (Tq == Tk in training; Tq == 1 when sampling with a KV cache).
+    Tq of the Tk positions (Tq = Tk in training; Tq = 1 for a new token with a KV cache).
     """
     Tq, Tk, hs = q.size(-2), k.size(-2), q.size(-1)
     # How well each query matches each key. With entries of variance 1, q . k sums hs terms and
     # has variance hs; dividing by sqrt(hs) brings it back to 1, so the softmax does not saturate
     # (one weight near 1, the rest near 0, and gradients near 0) (Vaswani et al. 2017).
     scores = (q / math.sqrt(hs)) @ k.transpose(-2, -1)  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
-    scores += causal_mask(Tq, Tk, scores.dtype, q.device)  # (B, nh, Tq, Tk) + (Tq, Tk), in place (section 8)
+    scores += causal_mask(Tq, Tk, scores.dtype, q.device)  # (B, nh, Tq, Tk) + (Tq, Tk)
     weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk): each row sums to 1
-    weights = dropout(weights, dropout_p, dropout_p > 0)  # F.dropout, faster on a CPU (section 8)
+    weights = F.dropout(weights, dropout_p)  # while training: zero some weights, scale the rest by 1 / (1 - p)
     return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs): a weighted mean of values
 
 
@@ -216,7 +212,7 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
     Tq, Tk = q.size(-2), k.size(-2)
     if Tq == Tk:  # training, or a first pass over a prompt
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, Tq, hs)
-    if Tq == 1:  # one new token with a KV cache: it may look at every earlier position
+    if Tq == 1:  # one new token with a KV cache: every earlier position is its past, nothing to mask
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
     # Several new tokens after cached ones (gpt.py's sampler never asks for this; a caller may):
     # is_causal aligns its mask to the top-left corner, wrong when Tq < Tk.
@@ -265,8 +261,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.n_head = config.n_head
         self.dropout = config.dropout
-        # "auto" picks the faster or the only right one; the tests and the bench may say which.
-        self.attention = "auto"  # or "written out", or "fused"
 
     def forward(self, x, kv_cache=None, layer=0, rope=None):
         """x (B, T, C) -> (B, T, C). While sampling, kv_cache holds the keys and values of the
@@ -274,26 +268,22 @@ class CausalSelfAttention(nn.Module):
         rope: RoPE's cos and sin for these positions, if the model uses RoPE."""
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) -> (B, T, 3C) -> 3 x (B, T, C)
-        # Each head works on its own hs channels: the head axis moves next to the batch axis,
-        # and every (sequence, head) pair becomes one independent attention computation.
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # q, k and v of every head in one matmul. Each head works on its own hs channels: the head
+        # axis moves next to the batch axis, and every (sequence, head) pair becomes one
+        # independent attention computation.
+        qkv = self.c_attn(x).view(B, T, 3, nh, hs)  # (B, T, C) -> (B, T, 3C) -> (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # -> (3, B, nh, T, hs) -> 3 x (B, nh, T, hs)
         if rope is not None:  # queries and keys turned by their positions' angles; values are not
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
-        if kv_cache is not None:  # sampling: add this step's keys and values to the earlier ones
+        if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-        dropout_p = self.dropout if self.training else 0.0
-        # The fused kernel, except on a device where it is slow or wrong (use_fused_attention, section 8).
-        fused = use_fused_attention(q, dropout_p) if self.attention == "auto" else self.attention == "fused"
-        attention = causal_attention_fused if fused else causal_attention_written_out
-        # In the cache's number format and back: on a CPU the cache is float32 even for a bfloat16
-        # model, which is faster there (section 8). Without a cache both are no-ops.
-        y = attention(q.to(k.dtype), k, v, dropout_p).to(q.dtype)  # (B, nh, T, hs)
+        # The fused kernel, unless it is slower or wrong where it would run (section 8). q takes the
+        # keys' number format, y q's: they differ only with a KV cache on a CPU, kept in float32.
+        attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
+        y = attention(q.to(k.dtype), k, v, self.dropout if self.training else 0.0).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
-        return dropout(y, self.dropout, self.training)  # (B, T, C)
+        return F.dropout(y, self.dropout) if self.training else y  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -311,7 +301,7 @@ class MLP(nn.Module):
         # GELU with the tanh approximation, exactly as GPT-2's code computes it.
         x = F.gelu(x, approximate="tanh")
         x = self.c_proj(x)  # (B, T, 4C) -> (B, T, C)
-        return dropout(x, self.dropout, self.training)
+        return F.dropout(x, self.dropout) if self.training else x
 
 
 class Block(nn.Module):
@@ -348,7 +338,6 @@ class GPT(nn.Module):
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.transformer.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.transformer.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.rope_cache = {}  # with RoPE, its angles' cos and sin, computed once per device (section 8)
         # The output layer turns a vector back into a score per token. It *is* the token
         # embedding ("weight tying", Press & Wolf 2017, who found it also lowers perplexity;
         # GPT-2 does it): a token's input vector and output vector are one. Both weights are
@@ -378,16 +367,16 @@ class GPT(nn.Module):
         the mean cross-entropy of predicting targets[:, t] from idx[:, :t+1]. With a kv_cache, idx
         holds only the new tokens, placed after the cached ones."""
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
+        start = kv_cache.length if kv_cache is not None else 0  # the position of idx's first token
         if start + T > self.config.block_size:
             raise ValueError(f"a sequence of {start + T} tokens is longer than block_size "
                              f"{self.config.block_size}, the longest this model has positions for")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,) the positions of these tokens
-        if self.config.pos == "learned":
-            x, rope = self.transformer.wte(idx) + self.transformer.wpe(pos), None  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T) -> (B, T, C)
+        if self.config.pos == "learned":  # positions start..start+T-1: rows of wpe's (block_size, C) table
+            x, rope = x + self.transformer.wpe.weight[start:start + T], None  # (B, T, C) + (T, C) -> (B, T, C)
         else:  # RoPE: the positions turn q and k inside attention instead
-            x, rope = self.transformer.wte(idx), rope_for(self, pos)  # (B, T, C); cos, sin (T, hs/2): section 8
-        x = dropout(x, self.config.dropout, self.training)  # embedding dropout (Hugging Face's embd_pdrop)
+            x, rope = x, rope_for(self, start, T)  # cos, sin (T, hs/2), computed once per device: section 8
+        x = F.dropout(x, self.config.dropout) if self.training else x  # embedding dropout (Hugging Face's embd_pdrop)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer, rope)  # (B, T, C) -> (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
@@ -400,8 +389,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0, block_size=None):
-        """OpenAI's GPT-2 weights in this model: "gpt2" (124M parameters), "gpt2-medium" (355M), "gpt2-large"
-        (774M), "gpt2-xl" (1558M), or a local Hugging Face folder or .safetensors file (section 11)."""
+        """OpenAI's GPT-2 weights in this model: "gpt2" (124M parameters), "gpt2-medium" (355M),
+        "gpt2-large" (774M), "gpt2-xl" (1558M), or a local Hugging Face folder or .safetensors
+        file (section 11)."""
         return load_gpt2(name_or_path, dropout, block_size)
 
 
@@ -411,9 +401,7 @@ class GPT(nn.Module):
 # windows, compute the loss (the mean of -log p(the true next token)), backpropagate to get the
 # gradient of every weight, clip it, and let AdamW update the weights. Every eval_interval
 # steps, the loss on held-out text (validation) says whether the model learns or memorises.
-# The settings come in cfg, a TrainConfig (section 12), one field per command-line flag; by
-# default batch_size 16, lr 1e-3 (100 warm-up steps) down to min_lr 1e-4 at max_iters 5,000
-# (or lr_decay_iters), weight_decay 0.1, beta2 0.99, grad_clip 1.0, evaluation every 500 steps.
+# The settings come in cfg, a TrainConfig (section 12), one field per command-line flag.
 
 def learning_rate(step, cfg):
     """Linear warm-up, then a cosine decay to min_lr (GPT-3, appendix B; Chinchilla: decay to
@@ -440,87 +428,103 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=fused)
 
 
-def train_step(model, params, optimizer, scaler, next_batch, grad_accum, autocast_ctx, grad_clip):
-    """One optimizer step over grad_accum micro-batches -> the mean loss, as a tensor: reading
-    its value would make the CPU wait for the GPU, so the loop does that only when it logs.
-    Accumulating the gradients of several micro-batches gives the step of a batch larger than
-    fits in memory. params: the model's parameters, whose gradient norm is clipped.
+def train_step(model, optimizer, scaler, next_batch, grad_accum, autocast_ctx, grad_clip):
+    """One optimizer step over grad_accum micro-batches from next_batch() -> the mean loss, as a
+    tensor: reading its value would make the CPU wait for a GPU, so the run does that only when
+    it logs. Accumulating the gradients of several micro-batches gives the step of a batch
+    larger than fits in memory.
 
     Mixed precision (section 7): autocast_ctx runs the matmuls in 16 bits. In float16 small
     gradients would round to zero, so the scaler multiplies the loss by a large factor before
     backward, unscale_ divides the gradients back before clipping (which must see their true
     size), and step skips an update whose gradients overflowed. Otherwise the scaler is off."""
-    total = torch.zeros((), device=params[0].device)
+    total = 0.0
     for i in range(grad_accum):
         x, y = next_batch()
-        with gradients_shared(model, after=i == grad_accum - 1):  # several processes: section 12
+        # With several processes, DDP averages the gradients across them in one backward pass,
+        # the last micro-batch's (no_sync for the others: section 12).
+        with gradients_averaged(model, now=i == grad_accum - 1):
             with autocast_ctx:
                 _, loss = model(x, y)
-            scaler.scale(loss / grad_accum).backward()  # gradients add up over the micro-batches
+            scaler.scale(loss / grad_accum).backward()  # the gradients of the micro-batches add up
         total += loss.detach()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)  # one bad batch cannot throw the weights far
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # one bad batch cannot throw the weights far
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # the next step's gradients start from zero
     return total / grad_accum
 
 
 @torch.no_grad()
-def estimate_loss(model, data, cfg, block_size, device, autocast_ctx, seed, split):
-    """Mean loss over eval_iters batches. The batches come from their own generator, seeded the
-    same way each time: evaluations are comparable and never disturb the training batches."""
-    model.eval()  # turns dropout off
-    generator = torch.Generator().manual_seed(seed)
-    total = torch.zeros((), device=device)
-    last_report = time.perf_counter()
-    for i in range(cfg.eval_iters):
-        x, y = get_batch(data, block_size, cfg.batch_size, generator)
-        if i % process_count() != process_rank():  # several processes: each evaluates its share (section 12)
-            continue
+def estimate_loss(model, batches, autocast_ctx):
+    """The mean loss over batches, an iterable of (x, y), with dropout off (model.eval())."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
         with autocast_ctx:
-            _, loss = model(to_device(x, device), to_device(y, device))  # to_device: section 7
-        total += loss
-        if time.perf_counter() - last_report > LOG_EVERY_SECONDS:  # a long evaluation is never silent (Part II's log)
-            log(f"evaluating the {split} loss: batch {i + 1}/{cfg.eval_iters}")
-            last_report = time.perf_counter()
+            total += model(x, y)[1]
+        count += 1
     model.train()
-    return mean_over_processes(total, cfg.eval_iters)  # (total / eval_iters).item(), over every process
+    return total / count
 
 
 def train(cfg, resume_checkpoint=None):
-    """Train as cfg says; with cfg.resume, continue the run saved in cfg.out_dir (from
-    resume_checkpoint, if given). -> {"step", "best_val_loss", "history", "interrupted"}.
-    The TrainingRun (section 12) builds the model and its optimizer (make_optimizer), evaluates
-    it with estimate_loss (which puts the model back in training mode), and saves."""
-    run = TrainingRun(cfg, resume_checkpoint)  # checks the input, builds or restores everything: section 12
-    cfg, model, optimizer = run.cfg, run.training_model, run.optimizer  # the model (compiled, or DDP's: section 12)
+    """Train a GPT as cfg (a TrainConfig, section 12) says -> {"step", "best_val_loss", "history",
+    "interrupted"}. `run`, a TrainingRun (section 12), is the engineering around the loop: it
+    checks every input before anything is written, picks the device, joins the other processes
+    (torchrun), continues a saved run (--resume; from resume_checkpoint if given), logs, saves
+    and stops. Its methods that every process must call, or all wait forever, say "collective"."""
+    run = TrainingRun(cfg, resume_checkpoint)
+    cfg, device = run.cfg, run.device  # with --resume, the saved settings, under the flags given now
+
+    # The data: every token id of the text (TrainingRun read it and encoded it, or mapped the ids
+    # of a file from `prepare`, section 9), 90% to train on and 10% to validate on.
+    train_data, val_data = split_data(run.tokens, cfg.block_size)
+
+    # The model: GPT-2's initialisation drawn from the seed, or the weights of --init-from
+    # (GPT-2's or a checkpoint's) or of the run being resumed, put in without drawing any.
+    torch.manual_seed(cfg.seed)
+    model = GPT(run.config) if run.weights is None else model_with_weights(run.config, run.weights)  # section 11
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    batches = torch.Generator().manual_seed(cfg.seed)  # the training windows' own random numbers
+    run.start(model, optimizer, batches)  # --resume: their saved states back. Logs what trains on what
 
     def next_batch():  # random training windows, on the model's device
-        x, y = get_batch(run.train_data, cfg.block_size, cfg.batch_size, run.batches)
-        return to_device(x, run.device), to_device(y, run.device)
-    # With several processes (torchrun), each takes its share of a step's micro-batches (section 12).
-    next_batch, micro_batches = share_of(next_batch), cfg.grad_accum // process_count()
+        x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, batches)
+        return to_device(x, device), to_device(y, device)  # section 7
 
-    with ctrl_c_finishes_the_step() as stop_requested:  # a list that Ctrl-C appends to (section 12)
+    def evaluation_batches(data, seed, split):  # the same windows at every evaluation, apart from training's
+        generator = torch.Generator().manual_seed(seed)
+        for _ in Progress(f"evaluating the {split} loss", cfg.eval_iters):  # a long evaluation is never silent
+            x, y = get_batch(data, cfg.block_size, cfg.batch_size, generator)
+            yield to_device(x, device), to_device(y, device)
+
+    def evaluate():  # both splits -> {"train": loss, "val": loss}
+        return {split: estimate_loss(model, evaluation_batches(data, cfg.seed + n, split), run.autocast_ctx).item()
+                for n, (split, data) in enumerate((("train", train_data), ("val", val_data)), start=1)}
+
+    # With N processes (torchrun), each computes every N-th micro-batch of a step (share_of),
+    # and DDP averages their gradients; --compile compiles the model (both section 12).
+    training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
+    with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
-            # estimate_loss on both splits; the best val loss so far -> ckpt.pt, the latest -> last.pt.
-            # (A resumed run can start at a step it has already evaluated.)
+            # Evaluate; save the latest state (last.pt), and the best so far (ckpt.pt).
             if run.step % cfg.eval_interval == 0 and not run.evaluated_at(run.step):
-                run.evaluate_and_save()
+                run.evaluate_and_save(evaluate)  # collective
             lr = learning_rate(run.step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_step(model, run.params, optimizer, run.scaler, next_batch, micro_batches,
+            loss = train_step(training_model, optimizer, run.scaler, share_of(next_batch), micro_batches,
                               run.autocast_ctx, cfg.grad_clip)
             run.step += 1
-            # Watches for NaN; logs the loss, tokens/s, the ETA and the MFU (model FLOPs utilisation:
-            # the share of the hardware's peak arithmetic that the model's own FLOPs use). True once
-            # a stop was asked for (Ctrl-C or SIGTERM): then save last.pt, say how to resume, stop.
+            # Collective: now and then logs the loss, the speed and the ETA; stops on a NaN; True
+            # once a stop was asked for (Ctrl-C or SIGTERM), then every process stops here.
             if run.after_step(loss, lr, stop_requested):
-                return run.stop()
+                return run.stop()  # collective: saves last.pt
         if not run.evaluated_at(run.step):
-            run.evaluate_and_save()
+            run.evaluate_and_save(evaluate)
     return run.finish()
 
 
@@ -552,7 +556,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V), in vocabulary order
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
-    return checked_draw(next_ids, probs)  # never an id outside the vocabulary or of probability 0
+    return checked_draw(next_ids, probs)  # never an id outside the vocabulary or of probability 0: section 13
 
 
 def sample_by_recomputing(model, context, max_new_tokens, draw):
@@ -562,7 +566,7 @@ def sample_by_recomputing(model, context, max_new_tokens, draw):
         next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1): only the last position's scores matter
         yield next_id
         context = torch.cat([context, next_id.to(context.device)], dim=1)  # (B, T + 1)
-        context = context[:, -model.config.block_size:]  # cropped to block_size
+        context = context[:, -model.config.block_size:]  # the newest block_size tokens
 
 
 class KVCache:
@@ -580,21 +584,17 @@ class KVCache:
 
     def store(self, layer, k, v):
         """k, v (B, nh, T, hs) of T new positions -> the keys and values of all positions so far."""
-        if not self.keys:  # on the device of the keys, in the number format of kv_cache_dtype (section 8)
-            dtype = kv_cache_dtype(k)
-            self.keys = [k.new_zeros(self.shape, dtype=dtype) for _ in range(self.n_layer)]
-            self.values = [v.new_zeros(self.shape, dtype=dtype) for _ in range(self.n_layer)]
+        if not self.keys:  # made once, at its full size, on k's device, in kv_cache_dtype (section 8)
+            self.keys = [k.new_zeros(self.shape, dtype=kv_cache_dtype(k)) for _ in range(self.n_layer)]
+            self.values = [v.new_zeros(self.shape, dtype=kv_cache_dtype(v)) for _ in range(self.n_layer)]
         keys, values, start, T = self.keys[layer], self.values[layer], self.length, k.size(2)
-        # The cache is made once, at its full size: each step writes into it rather than
-        # concatenating, which would copy every stored position again.
+        # Each step writes into the cache rather than concatenating, which would copy every
+        # stored position again.
         keys.narrow(2, start, T).copy_(k)  # (B, nh, T, hs) into positions start.. of (B, nh, block_size, hs)
-        values.narrow(2, start, T).copy_(v)  # (B, nh, T, hs) likewise
+        values.narrow(2, start, T).copy_(v)
         if layer == self.n_layer - 1:
             self.length += T
         return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)  # 2 x (B, nh, T_past + T, hs)
-
-    def clear(self):
-        self.length = 0  # the stored tensors are overwritten from position 0 on
 
 
 def sample_with_kv_cache(model, context, max_new_tokens, draw):
@@ -607,20 +607,19 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     / 2 and block_size tokens, where the simple loop sees block_size; both are correct. (Keeping
     more would refill more often, less would forget more.) With block_size 4 and the prompt "ab":
     a b draw c; c draws d; d draws e and the cache is full; so "de" goes in at 0 and 1, draws f."""
-    block_size, device = model.config.block_size, context.device
+    block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
     cache, pending = KVCache(model.config, context.size(0)), context
-    forward = CachedForward(model)  # model(x, kv_cache=cache)[0], made faster for one new token: section 8
     for _ in range(max_new_tokens):
         if cache.length + pending.size(1) > block_size:  # the cache is full: refill it with the newest half
-            pending = context[:, -max(1, block_size // 2):]  # (B, block_size // 2)
-            cache.clear()
+            pending, cache = context[:, -max(1, block_size // 2):], KVCache(model.config, context.size(0))
         # The prompt (or a refill) in one pass; after that, only the new token's position.
-        logits = forward(pending, cache)  # (B, T_pending, V)
+        with one_row_matmuls(pending):  # a new token's products are one row each: the fast kernel, section 8
+            logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V)
         next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1)
         yield next_id
-        pending = next_id.to(device)
-        context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, T + 1), cropped to block_size
+        pending = next_id.to(context.device)
+        context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, T + 1), the newest block_size tokens
 
 
 @torch.inference_mode()
@@ -643,48 +642,53 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         model.train(was_training)
 
 
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
+    """generate_stream, collected: idx (B, T) -> (B, T + max_new_tokens), the prompt and the new tokens."""
+    new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator))
+    return torch.cat([idx, *(token.to(idx.device) for token in new)], dim=1)
+
+
 # ==== Part II: making it real =================================================================
 #
 # Everything above is the GPT. What follows makes it fast, safe and usable:
 #    7. Devices          CPU / CUDA / Apple MPS, and the number formats (float32, bfloat16, float16)
-#    8. Speed            which attention runs where, the KV cache's format, a flat one-token step,
-#                        FLOPs and MFU, with the measurements behind each choice
-#    9. Data files       reading a text file, with a clear error for each way it can be wrong
-#   10. Checkpoints      one file holds everything needed to sample or to resume; atomic saves
-#   11. GPT-2's files    OpenAI's released weights (safetensors) read into GPT, the download,
-#                        and the BPE files offline
-#   12. Training runs    settings, resuming, fine-tuning, logging with an ETA, Ctrl-C, divergence
+#    8. Speed            which attention runs where, one-row matmuls, RoPE's angles, FLOPs and MFU
+#    9. Data files       reading a text, with a clear error for each way it can be wrong; `prepare`
+#   10. Checkpoints      one file holds everything needed to sample or to resume
+#   11. GPT-2's files    OpenAI's released weights read into GPT; the BPE files offline
+#   12. Training runs    settings, several processes, resuming, logging with an ETA, Ctrl-C, NaN
 #   13. Sampling runs    the `sample` command: settings, the safe draw, text streamed token by token
 #   14. Pictures         loss.svg from every run; `inspect`: next-token probabilities, attention.svg
 #   15. Benchmark        how fast this machine trains and samples
-#   16. Command line     `train`, `sample`, `inspect` and `bench`, and one-line errors
-# Timings quoted in Part II were measured on the 2-core CPU described in README.md.
+#   16. Command line     train, sample, inspect, prepare, bench, and one-line errors
+# The measurements behind the choices made here are in docs/speed.md.
 
-# Part II's own tools from the standard library (Part I needs only the imports at the top).
 import argparse  # noqa: E402
+import array  # noqa: E402
 import codecs  # noqa: E402
 import contextlib  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import ctypes  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import mmap  # noqa: E402
-import re  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
-from dataclasses import field  # noqa: E402
+from pathlib import Path  # noqa: E402
 from xml.sax.saxutils import escape as xml_escape  # noqa: E402
 
+import torch.distributed as dist  # noqa: E402
 
-# Errors, checks, progress and settings that are flags, for every section below (and the few
-# checks Part I calls).
+
+# Errors, progress, files and flags, for every section below (and the few checks Part I calls).
 
 class GPTError(ValueError):
     """A problem a person can act on (a bad flag, an unreadable file, a diverged run): the command
@@ -699,11 +703,11 @@ def require(condition, message):
 LOG_EVERY_SECONDS = 3  # a long job is never silent for longer
 
 
-def log(message, end="\n"):
-    """Progress and diagnostics go to stderr; stdout carries only sampled text (and bench's table).
-    With several processes (torchrun, section 12) only the first one speaks."""
+def log(message):
+    """Progress goes to stderr (stdout carries only sampled text and tables); with several
+    processes (section 12) only the first one speaks."""
     if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, end=end, flush=True)
+        print(message, file=sys.stderr, flush=True)
 
 
 def duration(seconds):
@@ -711,44 +715,107 @@ def duration(seconds):
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+class Progress:
+    """The progress line of a long job: once it has taken LOG_EVERY_SECONDS, a line every
+    LOG_EVERY_SECONDS and one at the end, with how far it is, how fast it goes and its ETA (a
+    quick job says nothing). Call it with the amount done, or iterate over it: 0 .. total - 1."""
+
+    def __init__(self, what, total, unit="batches", scale=1):
+        self.what, self.total, self.unit, self.scale = what, total, unit, scale
+        self.start = self.last = time.perf_counter()
+        self.spoke = False
+
+    def __call__(self, done, note=""):
+        now = time.perf_counter()
+        if now - self.last >= LOG_EVERY_SECONDS or (self.spoke and done >= self.total):
+            rate, digits = done / max(now - self.start, 1e-9), 1 if self.scale > 1 else 0
+            log(f"{self.what}: {done / self.scale:,.{digits}f} of {self.total / self.scale:,.{digits}f} {self.unit}, "
+                f"{rate / self.scale:,.1f} {self.unit}/s{note}, ETA {duration((self.total - done) / max(rate, 1e-9))}")
+            self.last, self.spoke = now, True
+
+    def __iter__(self):
+        for i in range(self.total):
+            self(i)
+            yield i
+        self(self.total)
+
+
+def write_atomically(path, write, also=None):
+    """Write a file so that a crash or a kill at any moment leaves the old file or the new one,
+    never half of one: write(f) fills a temporary file in the same folder, which is flushed to
+    disk and then renamed over path in one step. also: a second name for the same file (a hard
+    link, or a copy without them), renamed after path, so it is never the newer of the two."""
+    names = [Path(path)] + ([Path(also)] if also else [])
+    for name in names:  # leftovers of a write that was killed
+        for leftover in name.parent.glob(f".{name.name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+    tmp = [name.with_name(f".{name.name}.{os.getpid()}.tmp") for name in names]
+    try:
+        with open(tmp[0], "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them "the" file
+        if also:
+            try:
+                os.link(tmp[0], tmp[1])
+            except OSError:  # a file system without hard links: a copy, on disk before its rename too
+                shutil.copyfile(tmp[0], tmp[1])
+                with open(tmp[1], "rb") as f:
+                    os.fsync(f.fileno())
+        for t, name in zip(tmp, names):
+            os.replace(t, name)
+    except BaseException as e:
+        for t in tmp:
+            t.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise GPTError(f"could not write {path}: {e.strerror or e}; the files before it are untouched") from None
+        raise
+    if os.name == "posix":  # the renames themselves made durable
+        folder = os.open(names[0].parent, os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
+
+
+def check_writable(folder, flag_name):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f".write-test.{os.getpid()}").touch()
+        (folder / f".write-test.{os.getpid()}").unlink()
+    except OSError as e:
+        raise GPTError(f"cannot write to {flag_name} {str(folder)!r}: {e.strerror or e}") from None
+
+
 def option(default, help, **argparse_kwargs):
     """A dataclass field that is also a command-line flag: its default and its --help text."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
 
 
 def flag(name):
-    """A field name as its command-line flag: block_size -> block-size."""
-    return name.replace("_", "-")
+    return "--" + name.replace("_", "-")  # block_size -> --block-size
 
 
-def check_writable(out_dir, flag_name="--out-dir"):
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise GPTError(f"cannot write to {flag_name} {str(out_dir)!r}: {e.strerror or e}") from None
-from pathlib import Path  # noqa: E402
+def positive(settings, *names):
+    """Flags that must be positive whole numbers: one check, one message."""
+    for name in names:
+        value = getattr(settings, name)
+        require(isinstance(value, int) and value > 0, f"{flag(name)} must be a positive whole number, got {value}")
 
 
 # ---- 7. Devices and number formats -----------------------------------------------------------
 #
 # The same code runs on a CPU, an NVIDIA GPU (CUDA) and an Apple GPU (MPS). Mixed precision
 # runs the matmuls in a 16-bit format while the weights and the optimizer stay in float32.
-# bfloat16 keeps float32's range (8 exponent bits) with fewer digits, so it needs no loss
-# scaling; float16 has more digits but a small range, so its gradients must be scaled up to
-# avoid underflow (a GradScaler: train_step, section 5). Which one `--dtype auto` picks, and why:
-#   CUDA: bfloat16 where the GPU supports it (Ampere and newer), else float16.
-#   CPU:  bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX); there a bfloat16
-#         matmul runs 2.2x faster than a float32 one. Elsewhere float32: emulated bfloat16 is
-#         slower than float32.
-#   MPS:  float32. We have not measured half precision on Apple GPUs, and float16 training
-#         there is refused (check_training_dtype).
-#
-# None of this has run here on a GPU: the project's machines have none. The device-specific
-# decisions below are small functions so that tests on a CPU can check them with device
+# bfloat16 keeps float32's range with fewer digits, so it needs no loss scaling; float16 has a
+# small range, so its gradients are scaled up against underflow (train_step, section 5).
+# `--dtype auto` picks bfloat16 on CUDA GPUs that have it (Ampere and newer; float16 before)
+# and on CPUs that compute it natively (AVX512-BF16 or AMX: about 2x float32 there; emulated,
+# it is slower than float32); float32 elsewhere, MPS included (half precision was not measured
+# there). Each device decision is a small function that tests check on a CPU with device
 # objects (torch.device("mps") needs no Apple GPU to exist).
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def pick_device(name):
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
@@ -761,41 +828,32 @@ def pick_device(name):
 
 
 def cpu_has_native_bfloat16():
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported",
+                                                                       "_is_amx_tile_supported"))
 
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def pick_dtype(name, device):
+    if name != "auto":
+        require(name in DTYPES, f"unknown dtype {name!r}: expected auto, {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if device.type == "cuda":  # native bfloat16 only: older GPUs would emulate it, slowly
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bfloat16() else torch.float32
 
 
 def dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
 
 
-def pick_dtype(name, device):
-    if name == "auto":
-        if device.type == "cuda":  # native bfloat16 only: older GPUs would emulate it, slowly
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-        if device.type == "cpu" and cpu_has_native_bfloat16():
-            return torch.bfloat16
-        return torch.float32
-    require(name in DTYPES, f"unknown dtype {name!r}: expected auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def autocast(device, dtype):
     """Run the matmuls in dtype (mixed precision); float32 needs no context at all."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def non_blocking_copies(device):
-    """Whether a copy to device may return before it is done. Only on CUDA, where the copy then
-    overlaps with the GPU's work. On Apple's MPS a non-blocking copy from a temporary CPU tensor
-    could read freed memory in torch releases before 2.13 (pytorch issues 139550, 189690):
-    silently corrupted batches. On a CPU there is nothing to overlap."""
+    """Whether a copy to device may return before it is done: on CUDA, where it then overlaps the
+    GPU's work. On MPS such a copy from a temporary CPU tensor could read freed memory in torch
+    before 2.13 (pytorch issues 139550, 189690); on a CPU there is nothing to overlap."""
     return device.type == "cuda"
 
 
@@ -816,208 +874,102 @@ def use_fused_adamw(params):
 
 
 def check_training_dtype(dtype, device):
-    """float16 training on Apple's MPS is refused: autocast there is missing in torch 2.4, the
-    GradScaler's unscale_ fails in 2.5 to 2.7 (pytorch issue 142397), and the fused MPS Adam
-    ignored the scaler's overflow flag until mid 2026, so an overflow step (routine at the
-    scaler's first scales) turns the weights into NaN."""
+    """float16 training on MPS is refused: autocast there is missing in torch 2.4, the GradScaler's
+    unscale_ fails in 2.5 to 2.7 (pytorch issue 142397), and the fused MPS Adam ignored the
+    scaler's overflow flag until mid 2026, turning the weights into NaN at the first overflow."""
     require(not (device.type == "mps" and dtype == torch.float16), "--dtype float16 cannot train on Apple's "
             "MPS (its loss scaling has been broken in several torch releases): use --dtype bfloat16 or float32")
 
 
 def synchronize(device):
-    """Wait for the GPU to finish what it was given: timings need it (on a CPU, work is never queued)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    """Wait for the GPU to finish what it was given: timings need it (a CPU never queues work)."""
+    if device.type in ("cuda", "mps"):
+        getattr(torch, device.type).synchronize()
 
 
 # ---- 8. Speed --------------------------------------------------------------------------------
 #
-# Part I computes the same thing on every machine; the choices here change only how fast (or,
-# for one device bug, whether it is right), each with the measurement behind it. Measured with
-# torch.profiler and timed loops on the 2-core AVX-512 CPU of README.md.
-#
-# - Which attention: use_fused_attention, below.
-# - Dropout on a CPU: dropout, below, which halves what F.dropout adds to a training step there.
-# - Two details of causal_attention_written_out (section 4) are for speed. It divides q by
-#   sqrt(hs) before the matmul: the same scores up to rounding, computed on a tensor Tk / hs
-#   times smaller than the scores. And it adds the causal mask in place: no second
-#   (B, nh, Tq, Tk) tensor, and the backward pass of an addition is free, where a masked_fill
-#   would mask the gradient again; the matmul's backward does not need its own output, so
-#   overwriting it is safe.
-# - The KV cache's number format (kv_cache_dtype), a matmul kernel for one row (onednn_off) and
-#   a flat one-token step (OneTokenStep) make sampling with the cache fast; CachedForward is
-#   how the sampler (section 6) calls them.
-# - RoPE's angles are computed once per model and device (rope_for).
-# - FLOPs per token and the hardware's peak give the MFU that training logs.
+# Part I computes the same thing on every machine; these choices change only how fast (or, for
+# one device bug, whether it is right). The measurements behind them are in docs/speed.md.
 
-def use_fused_attention(q, dropout_p=0.0):
-    """Which attention CausalSelfAttention runs. The fused kernel, except in three cases:
-    - Apple's MPS in half precision: its is_causal kernel has let half-precision tokens see the
-      future (pytorch issue 195910); the written-out version is correct there. In float32
-      (what `--dtype auto` picks on MPS) the fused kernel runs, which can spare the memory of
-      the written-out version's (B, nh, T, T) weights (README.md, "Devices").
-    - Training in bfloat16 on a CPU with a context up to 512: PyTorch's fused CPU kernel is slow
-      to differentiate in bfloat16. Forward + backward of one layer of the default model
-      (B 16, nh 8, T 256, hs 32) took 41 ms fused and 27 ms written out on a 2-core AVX-512 CPU;
-      in float32, or at T = 1024, the fused kernel is the faster one.
-    - Training with dropout on a CPU: the fused kernel drops attention weights with F.dropout,
-      the written-out version with our faster dropout (below). A training step of the
-      quick-start model at dropout 0.1 in float32 took 136 ms fused, 110 ms written out.
-    """
+forced_attention = None  # "written out" or "fused" inside attention_forced(); None: use_fused_attention decides
+
+
+@contextlib.contextmanager
+def attention_forced(kind):
+    """Within it, every attention is the written-out one or the fused one: `inspect` records the
+    written-out version's weights, `bench --contexts` times both, and tests compare them."""
+    global forced_attention
+    before, forced_attention = forced_attention, kind
+    try:
+        yield
+    finally:
+        forced_attention = before
+
+
+def use_fused_attention(q):
+    """Which attention CausalSelfAttention runs: the fused kernel, except in two cases. On MPS in
+    half precision, its is_causal kernel has let tokens see the future (pytorch issue 195910).
+    Training in bfloat16 on a CPU with a context up to 512, PyTorch's fused kernel is slow to
+    differentiate: the written-out version's step is faster there (2x at the default context)."""
+    if forced_attention is not None:
+        return forced_attention == "fused"
     if q.device.type == "mps":
         return q.dtype == torch.float32
     if q.device.type == "cpu" and torch.is_grad_enabled():  # training on a CPU
-        return dropout_p == 0 and (q.dtype != torch.bfloat16 or q.size(-2) > 512)
+        return q.dtype != torch.bfloat16 or q.size(-2) > 512
     return True
 
 
 def kv_cache_dtype(k):
-    """The KV cache's number format for keys k. On a CPU at least float32, whatever the weights
-    are: there, attention of one query to 200 cached positions (8 heads of 32) took 55 us in
-    bfloat16 and 18 us in float32. On a GPU the model's own (half the memory; not measured)."""
+    """The KV cache's number format for keys k: on a CPU float32 (or float64), whatever the model's:
+    attention of one query over the cache runs there 3x faster than in bfloat16. On a GPU, k's."""
     return torch.promote_types(k.dtype, torch.float32) if k.device.type == "cpu" else k.dtype
 
 
-def dropout(x, p, training):
-    """F.dropout(x, p, training), made faster on a CPU. Dropout zeroes each entry with probability
-    p and scales the rest by 1 / (1 - p), so that the mean stays. On a CPU, F.dropout draws a
-    random float per entry, about 6 ns each: at dropout 0.1 the quick-start model's training step
-    took 104 ms against 54 without dropout. Here one 64-bit draw gives four 16-bit random
-    numbers, and an entry is kept when its number is at least p * 65536 counted from the bottom
-    of the int16 range: p is rounded to a multiple of 1/65536 (0.1 becomes 0.100006). The same
-    step took 75-79 ms. On a GPU, F.dropout is already fast: it runs there."""
-    if not training or p == 0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p)
-    return CPUDropout.apply(x, p)
-
-
-class CPUDropout(torch.autograd.Function):
-    """dropout on a CPU: y = x * mask, with mask 0 or 1 / (1 - p) in x's number format; the
-    gradient is the incoming one times the same mask (F.dropout keeps such a mask too)."""
-
-    @staticmethod
-    def forward(ctx, x, p):
-        n = x.numel()
-        # From torch's CPU generator, as F.dropout's draws: --seed and the checkpoints' saved random
-        # state cover them. Both ends of the int64 range: random_() alone leaves each top bit 0.
-        draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
-        numbers = draws.view(torch.int16)[:n].view(x.shape)  # 4 per draw, each in [-32768, 32767]
-        kept = numbers >= -32768 + round(p * 65536)
-        scale, zero = torch.tensor(1 / (1 - p), dtype=x.dtype), torch.zeros((), dtype=x.dtype)
-        mask = torch.where(kept, scale, zero)
-        ctx.save_for_backward(mask)
-        return x * mask
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
-
-
 @contextlib.contextmanager
-def onednn_off(when):
-    """One new token makes every matmul a vector-matrix product. PyTorch hands bfloat16 matmuls
-    on a CPU to oneDNN, whose setup per call costs more than the product itself when the input
-    is one row; PyTorch's own kernel is faster there: the 24 vector-matrix products in the
-    default model's blocks took 1.2 ms through oneDNN and 0.5 ms without it. For matrix-matrix
-    products (reading a prompt, training) oneDNN is the fast one."""
+def one_row_matmuls(idx):
+    """Around a forward pass over idx (B, T): with T = 1 on a CPU (a new token, sampling with a KV
+    cache) every matmul is a vector-matrix product, for which PyTorch's own kernel beats oneDNN,
+    whose setup costs more than such a product; for matrices, oneDNN is the fast one."""
     previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = previous and not when
+    torch.backends.mkldnn.enabled = previous and not (idx.size(1) == 1 and idx.device.type == "cpu")
     try:
         yield
     finally:
         torch.backends.mkldnn.enabled = previous
 
 
-class OneTokenStep:
-    """model(idx, kv_cache=cache) for one new token per row, written flat for speed.
-
-    With a KV cache each step computes a single position, and the arithmetic becomes so small
-    that Python's own work is a large part of the cost: every nn.Module call and every lookup
-    of a submodule or a weight on a module (self.c_attn, .weight) goes through PyTorch's Python
-    code: 59 calls and 135 lookups per token for the default model. This is the same
-    computation as GPT.forward with T = 1, op for op, as one loop over weights looked up once:
-    a step of the default model in bfloat16 took 1.10 ms instead of 1.52 ms (median over 12
-    runs of 255 steps). A test checks that it gives exactly the logits and the cache that
-    GPT.forward gives. It is for sampling: no dropout (the model in eval mode).
-    """
-
-    def __init__(self, model):
-        t = model.transformer
-        self.wte, self.ln_f = t.wte.weight, (t.ln_f.weight, t.ln_f.bias)
-        self.wpe = t.wpe.weight if model.config.pos == "learned" else None
-        self.model = model if model.config.pos == "rope" else None  # with RoPE: for its angles
-        self.head, self.n_head = model.lm_head.weight, model.config.n_head  # head: wte, tied
-        self.block_size = model.config.block_size
-        # Per block: the (weight, bias) of its six layers, in the order the loop uses them, and
-        # which attention to run. (LayerNorm's eps is the default 1e-5, as in Block.)
-        self.layers = [([(m.weight, m.bias) for m in (b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc,
-                                                      b.mlp.c_proj)], b.attn.attention) for b in t.h]
-
-    def __call__(self, idx, cache):
-        """idx (B, 1), the new token of each row -> logits (B, 1, V); the cache grows by one."""
-        B, C, nh = idx.size(0), self.wte.size(1), self.n_head
-        hs = C // nh
-        if cache.length >= self.block_size:
-            raise ValueError(f"the KV cache is full: the model has positions for {self.block_size} tokens")
-        if self.model is None:
-            x, rope = F.embedding(idx, self.wte) + self.wpe[cache.length], None  # (B, 1, C) + (C,): token + position
-        else:
-            x, rope = F.embedding(idx, self.wte), rope_for(self.model, torch.tensor([cache.length], device=idx.device))
-        for layer, ((ln_1, c_attn, attn_proj, ln_2, c_fc, mlp_proj), choice) in enumerate(self.layers):
-            # attention: x = x + attn(ln_1(x)), as in CausalSelfAttention.forward
-            qkv = F.linear(F.layer_norm(x, (C,), *ln_1), *c_attn)  # (B, 1, 3C)
-            # The same views as the model's split, view and transpose, in three calls instead of seven.
-            q, k, v = qkv.view(B, 1, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, 1, hs)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, 1, hs) each
-            k, v = cache.store(layer, k, v)  # 2 x (B, nh, T_past + 1, hs)
-            fused = use_fused_attention(q) if choice == "auto" else choice == "fused"
-            attention = causal_attention_fused if fused else causal_attention_written_out
-            y = attention(q.to(k.dtype), k, v).to(q.dtype)  # (B, nh, 1, hs)
-            x = x + F.linear(y.transpose(1, 2).reshape(B, 1, C), *attn_proj)  # (B, nh, 1, hs) -> (B, 1, C) -> (B, 1, C)
-            # MLP: x = x + mlp(ln_2(x))
-            h = F.gelu(F.linear(F.layer_norm(x, (C,), *ln_2), *c_fc), approximate="tanh")  # (B, 1, 4C)
-            x = x + F.linear(h, *mlp_proj)  # (B, 1, C)
-        return F.linear(F.layer_norm(x, (C,), *self.ln_f), self.head)  # (B, 1, C) -> (B, 1, V)
-
-
-class CachedForward:
-    """model(idx, kv_cache=cache)[0] as sampling uses it (section 6): the model's own forward for
-    a prompt, and for one new token the flat OneTokenStep with PyTorch's own matmul kernel."""
-
-    def __init__(self, model):
-        self.model, self.one_token_step = model, OneTokenStep(model)
-
-    def __call__(self, idx, cache):
-        if idx.size(1) > 1:
-            return self.model(idx, kv_cache=cache)[0]  # (B, T, V)
-        with onednn_off(when=idx.device.type == "cpu"):
-            return self.one_token_step(idx, cache)  # (B, 1, V)
-
-
-def rope_for(model, pos):
-    """RoPE's cos and sin (section 4) for the positions pos (T,), each (T, hs/2). Those of all
-    block_size positions are computed once per device and kept in model.rope_cache (not in its
-    state: checkpoints hold no angles), in float32, or float64 for a float64 model."""
-    key = (pos.device, torch.promote_types(model.transformer.wte.weight.dtype, torch.float32))
-    if key not in model.rope_cache:
+def rope_for(model, start, T):
+    """RoPE's cos and sin (section 4) for positions start .. start + T - 1, each (T, hs/2). Those of
+    all block_size positions are computed once per device and kept with the model, outside its
+    state: checkpoints hold no angles."""
+    weight = model.transformer.wte.weight
+    key = (weight.device, torch.promote_types(weight.dtype, torch.float32))  # float32, or float64 for a float64 model
+    cache = model.__dict__.setdefault("rope_cache", {})
+    if key not in cache:
         cos_sin = rope_angles(torch.arange(model.config.block_size), model.config.n_embd // model.config.n_head)
-        model.rope_cache[key] = [t.to(*key) for t in cos_sin]  # 2 x (block_size, hs/2)
-    return [t[pos] for t in model.rope_cache[key]]  # 2 x (T, hs/2)
+        cache[key] = [t.to(*key) for t in cos_sin]  # 2 x (block_size, hs/2)
+    return [t[start:start + T] for t in cache[key]]  # 2 x (T, hs/2)
+
+
+def timed(step, repeats, device, warmup=1):
+    """Seconds per call of step(), after warm-up calls (memory, kernels, autocast's casts), the
+    device waited for. Every timing in gpt.py goes through it."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
 
 
 def flops_per_token(model):
-    """Floating-point operations to train on one token, forward and backward (PaLM paper,
-    appendix B; nanoGPT): 6 per parameter (2 forward, 4 backward: a weight's multiply-add, then
-    the gradients of its input and of itself), counting every parameter but the position
-    embedding, which is a lookup (the tied token embedding counts once, as lm_head); plus the
-    attention scores and their weighted sum, 12 * L * T * C. The biases and LayerNorm gains are
-    not matmul weights: counting them overstates the FLOPs by 0.4% in the default model."""
+    """Floating-point operations to train on one token (PaLM, appendix B; nanoGPT): 6 per
+    parameter, 2 forward and 4 backward (a weight's multiply-add, then the gradients of its input
+    and of itself), but for the position embedding, a lookup; plus attention's 12 * L * T * C."""
     c = model.config
     n_matmul = model.num_parameters() - (model.transformer.wpe.weight.numel() if c.pos == "learned" else 0)
     return 6 * n_matmul + 12 * c.n_layer * c.block_size * c.n_embd
@@ -1031,38 +983,26 @@ PUBLISHED_PEAKS = {  # dense bf16/fp16 tensor-core FLOP/s per GPU, from NVIDIA's
 
 
 def published_peak_flops(card):
-    """A CUDA card's name -> its published dense 16-bit peak, or None if it is not listed. Whole
-    words only: "NVIDIA RTX A1000" is no A100, "NVIDIA T400" no T4; "NVL" and "PCIe" pick the variant."""
+    """A CUDA card's name -> its published dense 16-bit peak, or None. Whole words only: "NVIDIA
+    RTX A1000" is no A100, "NVIDIA T400" no T4; "NVL" and "PCIe" pick the variant."""
     words = re.split(r"[^A-Z0-9]+", card.upper())  # "NVIDIA A100-SXM4-40GB" -> NVIDIA, A100, SXM4, 40GB
     for family in words:
-        for variant in ("NVL", "PCIE"):
-            if variant in words and f"{family} {variant}" in PUBLISHED_PEAKS:
-                return PUBLISHED_PEAKS[f"{family} {variant}"]
-        if family in PUBLISHED_PEAKS:
-            return PUBLISHED_PEAKS[family]
+        for name in [f"{family} {variant}" for variant in ("NVL", "PCIE") if variant in words] + [family]:
+            if name in PUBLISHED_PEAKS:
+                return PUBLISHED_PEAKS[name]
     return None
 
 
 def measure_peak_flops(device, dtype):
-    """The FLOP/s the hardware could reach in dtype, for the MFU (model FLOPs utilisation)
-    figure. On a listed GPU in 16 bits, the card's published dense peak; otherwise a probe: the
-    best of a few large matmuls, which is what a training step mostly does. On an NVIDIA GPU
-    they are 8192 wide, so that launching them costs little next to computing them."""
-    if device.type == "cuda" and dtype != torch.float32:
-        peak = published_peak_flops(torch.cuda.get_device_name(device))
-        if peak is not None:
-            return peak
+    """The FLOP/s the hardware could reach in dtype, for the MFU: on a listed GPU in 16 bits its
+    published peak; otherwise the best of a few large matmuls, what a training step mostly does
+    (8192 wide on a GPU, so that launching them costs little next to computing them)."""
+    if device.type == "cuda" and dtype != torch.float32 and published_peak_flops(torch.cuda.get_device_name(device)):
+        return published_peak_flops(torch.cuda.get_device_name(device))
     n = {"cpu": 1024, "mps": 2048}.get(device.type, 8192)
     generator = torch.Generator().manual_seed(0)  # its own: the probe must not move the training's random state
     a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / 4)
-    return 2 * n**3 / best
+    return 2 * n**3 / min(timed(lambda: a @ b, 4, device) for _ in range(5))
 
 
 def mfu(flops_per_second, peak):
@@ -1073,25 +1013,21 @@ def mfu(flops_per_second, peak):
 
 # ---- 9. Data files ---------------------------------------------------------------------------
 #
-# What can be wrong with a text to train on, each with one clear error: the file (missing,
-# a folder, unreadable, empty, not UTF-8), a character the vocabulary lacks, a text too short.
+# What can be wrong with a text to train on, each with one clear error: the file (missing, a
+# folder, unreadable, empty, not UTF-8), a character the vocabulary lacks, a text too short.
 #
-# A text is read whole and encoded at the start of training: fine for a few hundred MB, not
-# for a corpus of tens of GB. `python gpt.py prepare` encodes a text once into a token file
-# that `train --data` memory-maps: the operating system reads in only the pages that batches
-# touch, so the training process's own memory does not grow with the corpus. The file
-# describes itself:
+# `train` reads a text whole and encodes it: fine for a few hundred MB, not for tens of GB.
+# `python gpt.py prepare` encodes a text once, a chunk at a time (its memory does not grow with
+# the text), into a token file that `train --data` reads window by window:
 #     8 bytes        TOKEN_FILE_MAGIC
 #     8 bytes        N, the length of a JSON header (a little-endian unsigned integer)
-#     N bytes        {"format": 1, "tokenizer": {...}, "dtype": "uint16" or "uint32",
-#                     "tokens": count, "source": file name, "source_bytes": its size}, padded
-#                    with spaces so that the tokens start at a multiple of 64 bytes
-#     the rest       the token ids, little-endian: uint16 while the vocabulary fits (GPT-2's
-#                    50,257 does), else uint32
-# prepare reads and encodes the text a chunk at a time, so its memory is bounded whatever the
-# file's size, and the tokens are exactly tokenizer.encode(whole text): BPE never merges across
-# a cut made just before whitespace that follows a non-whitespace character (GPT-2's
-# pre-tokenizer always splits there), and a character is one token whatever the cut.
+#     N bytes        {"format": 1, "tokenizer": {...}, "dtype": "uint16" or "uint32", "tokens":
+#                    count, "source": file name, "source_bytes": its size}, padded with spaces
+#                    so that the ids start at a multiple of 64 bytes
+#     the rest       the token ids, little-endian: uint16 while the vocabulary fits, else uint32
+# The ids are exactly tokenizer.encode(whole text): a character is one token wherever the text
+# is cut, and BPE never merges across a cut made just before whitespace that follows a
+# non-whitespace character (GPT-2's pre-tokenizer always splits there).
 
 def check_data_file(path):
     require(path.exists(), f"data file {str(path)!r} does not exist")
@@ -1099,137 +1035,115 @@ def check_data_file(path):
 
 
 def read_text(path):
-    """Read a UTF-8 text file, with a clear error for every way it can be wrong."""
-    path = Path(path)
-    check_data_file(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise GPTError(f"cannot read data file {str(path)!r}: {e.strerror}") from None
-    require(raw, f"data file {str(path)!r} is empty")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise GPTError(f"data file {str(path)!r} is not UTF-8 text: byte {e.start} (line {line}) "
-                       f"is {raw[e.start:e.start + 1]!r}; save it as UTF-8") from None
+    """A UTF-8 text file, read whole, with text_chunks' clear error for every way it can be wrong."""
+    check_data_file(Path(path))
+    return "".join(text_chunks(Path(path)))
+
+
+def check_characters(tokenizer, text):
+    """CharTokenizer.encode's check (section 2): every character of text is in the vocabulary."""
+    unknown = sorted(set(text) - tokenizer.index.keys())
+    shown = ", ".join(repr(ch) for ch in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+    require(not unknown, f"the character vocabulary ({len(tokenizer.chars)} characters of the training text) "
+            f"lacks {len(unknown)} character(s) of this text: {shown}")
+
+
+def check_long_enough(n_tokens, n_val, block_size):
+    """split_data's check (section 3): both splits hold a window of block_size + 1 tokens."""
+    need = 10 * (block_size + 1) + 10  # the 10% validation split then holds one window (+ 10: a margin)
+    require(n_tokens - n_val > block_size and n_val > block_size, f"the data has {n_tokens} tokens: too short "
+            f"for one window of block_size + 1 = {block_size + 1} tokens in both the training split (90%) and the "
+            f"validation split (10%); give a text of at least {need} tokens or a smaller --block-size")
 
 
 def tokenizer_to_dict(tokenizer):
-    if tokenizer.kind == "char":
-        return {"kind": "char", "chars": tokenizer.chars}
-    return {"kind": "bpe", "encoding": "gpt2"}
+    return {"kind": "char", "chars": tokenizer.chars} if tokenizer.kind == "char" else {"kind": "bpe", "encoding": "gpt2"}
 
 
 def tokenizer_from_dict(d):
-    require(isinstance(d, dict), f"unknown tokenizer {d!r}: expected a dict with kind 'char' or 'bpe'")
-    if d.get("kind") == "char":
-        return CharTokenizer(d["chars"])
-    if d.get("kind") == "bpe":
-        return BPETokenizer()
-    raise GPTError(f"unknown tokenizer {d!r}: expected kind 'char' or 'bpe'")
+    kind = d.get("kind") if isinstance(d, dict) else None
+    require(kind in ("char", "bpe"), f"unknown tokenizer {d!r}: expected kind 'char' or 'bpe'")
+    return CharTokenizer(d["chars"]) if kind == "char" else BPETokenizer()
 
 
 TOKEN_FILE_MAGIC = b"GPTTOKS1"
 PREPARE_CHUNK_BYTES = 8 << 20  # 8 MB of text at a time: tiktoken's lists of ids for it take about 80 MB
+PREPARE_PIECE_CHARS = 1 << 20  # BPE encodes a chunk in pieces of about 1 MB, on several threads
 LONGEST_UNCUT = 128 << 20  # text without a place to cut is held whole: up to this much
 SAFE_CUT = re.compile(r"\S[ \t\n\r]")  # a non-whitespace character, then whitespace: cut between them
 
 
-def is_token_file(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(TOKEN_FILE_MAGIC)) == TOKEN_FILE_MAGIC
-    except OSError:
-        return False
+class TokenFile:
+    """The ids of a token file, or of a part of it, as split_data and get_batch (section 3) use a
+    tensor: len(), a slice (another TokenFile, nothing read), and a (B, T+1) tensor of positions,
+    each row consecutive -> those ids, int64, read from the file then (the page cache holds the
+    rest: the process's memory does not grow with the file)."""
 
-
-class TokenArray:
-    """Token ids in a memory-mapped file, as get_batch (section 3) indexes them: len(), slices,
-    and a tensor of positions -> int64 ids. The file's uint16 (uint32) ids are read as int16
-    (int32), same bits, since torch before 2.5 cannot index uint16; & 0xFFFF restores them."""
-
-    def __init__(self, values, buffer):
-        self.values, self.buffer = values, buffer  # (N,) int16 or int32, a view of the memory map buffer
+    def __init__(self, path, start, length, dtype):
+        self.path, self.start, self.length, self.dtype = path, start, length, dtype  # start: in bytes
 
     def __len__(self):
-        return len(self.values)
+        return self.length
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return TokenArray(self.values[index], self.buffer)
-        if index.dim() == 2 and bool((index[:, 1:] - index[:, :-1] == 1).all()):  # windows, as get_batch asks
-            # Row by row: torch's indexing kernels read far more of a memory map than the ids they
-            # gather (about 1.4 GB of a 2 GB file for one batch here); slices read what they return.
-            ids = torch.stack([self.released(self.values[int(row[0]):int(row[0]) + index.size(1)].clone())
-                               for row in index]).long()  # B x (T+1,) -> (B, T+1)
-        else:
-            ids = self.released(self.values[index].long())  # index's shape, int64
-        return ids & 0xFFFF if self.values.dtype == torch.int16 else ids
-
-    def released(self, copied):
-        """The pages just read stay mapped into this process, and the kernel maps whole runs of
-        them at once (about 1.7 MB a window here): let them go, or a long run's memory would grow
-        towards the file's size. They stay in the page cache; this costs microseconds."""
-        if hasattr(mmap, "MADV_DONTNEED"):
-            self.buffer.madvise(mmap.MADV_DONTNEED)
-        return copied
+            begin, end, _ = index.indices(self.length)
+            return TokenFile(self.path, self.start + begin * self.dtype.itemsize, max(0, end - begin), self.dtype)
+        rows, size = index.reshape(-1, index.size(-1)), self.dtype.itemsize
+        with open(self.path, "rb") as f:
+            raw = b"".join(os.pread(f.fileno(), rows.size(1) * size, self.start + int(row[0]) * size) for row in rows)
+        ids = torch.frombuffer(bytearray(raw), dtype=self.dtype).long().view(index.shape)
+        return ids & 0xFFFF if self.dtype == torch.int16 else ids  # uint16's bits, read as int16, made positive
 
 
 def read_token_file(path):
-    """A file written by prepare -> (its header, a TokenArray of its tokens, memory-mapped)."""
+    """A file written by prepare -> (its header, a TokenFile of its ids); None for any other file."""
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            f.seek(len(TOKEN_FILE_MAGIC))
+            if f.read(len(TOKEN_FILE_MAGIC)) != TOKEN_FILE_MAGIC:
+                return None
             header_size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(header_size))
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: never written back
     except (OSError, ValueError) as e:
         raise GPTError(f"cannot read {str(path)!r} as a token file ({e})".splitlines()[0]) from None
-    if hasattr(mmap, "MADV_RANDOM"):  # batches are random windows: read no more of the file around each
-        buffer.madvise(mmap.MADV_RANDOM)
-    dtype = {"uint16": torch.int16, "uint32": torch.int32}.get(header.get("dtype"))
+    dtype = {"uint16": torch.int16, "uint32": torch.int32}.get(header.get("dtype"))  # the same bits, signed
     start = len(TOKEN_FILE_MAGIC) + 8 + header_size
     require(header.get("format") == 1 and dtype is not None and isinstance(header.get("tokens"), int)
-            and start + header["tokens"] * dtype.itemsize == size,
+            and start + header["tokens"] * dtype.itemsize == os.path.getsize(path),
             f"{path} is not a complete token file (truncated, or written by another program)")
-    values = torch.frombuffer(buffer, dtype=dtype, count=header["tokens"], offset=start) if header["tokens"] else \
-        torch.empty(0, dtype=dtype)  # (N,)
-    return header, TokenArray(values, buffer)
+    return header, TokenFile(path, start, header["tokens"], dtype)
 
 
-def split_tokens(tokens, block_size):
-    """split_data (section 3) for a TokenArray: the same 90/10 split, without copying."""
-    n_train = int(0.9 * len(tokens))
-    train, val = tokens[:n_train], tokens[n_train:]
-    check_long_enough(len(tokens), len(val), block_size)
-    return train, val
+def last_cut(text, end):
+    """The last place in text[:end] just before whitespace that follows a non-whitespace character
+    (see this section's opening), found by looking back from end; 0 if there is none."""
+    window = 256
+    while True:
+        cuts = [m.start() + 1 for m in SAFE_CUT.finditer(text, max(0, end - window), end)]
+        if cuts or window >= end:
+            return cuts[-1] if cuts else 0
+        window *= 16
 
 
-def text_chunks(path, chunk_bytes=None, progress=None):
-    """Yield the UTF-8 text of path in pieces of about chunk_bytes, each ending just before
-    whitespace that follows a non-whitespace character (or at the end of the file): cuts that no
-    tokenizer here can tell from the whole text. progress(bytes read) is called after each read."""
-    path, chunk_bytes = Path(path), chunk_bytes or PREPARE_CHUNK_BYTES
-    check_data_file(path)
+def text_chunks(path, progress=lambda done: None):
+    """Yield the UTF-8 text of path in pieces of about PREPARE_CHUNK_BYTES, each ending at a
+    last_cut or at the end of the file; a clear error for a file that cannot be read, is empty
+    or is not UTF-8 (naming the byte and the line). progress(bytes read) is called after each read."""
     decoder, pending, done, lines = codecs.getincrementaldecoder("utf-8")(), "", 0, 0
     try:
         with open(path, "rb") as f:
-            while raw := f.read(chunk_bytes):
+            while raw := f.read(PREPARE_CHUNK_BYTES):
                 held = decoder.getstate()[0]  # the bytes of a character cut by the last read
                 try:
                     pending += decoder.decode(raw)
                 except UnicodeDecodeError as e:  # e.start counts from the held bytes
-                    where, seen = done - len(held) + e.start, held + raw
+                    seen = held + raw
                     line = lines + seen[len(held):max(e.start, len(held))].count(b"\n") + 1
-                    raise GPTError(f"data file {str(path)!r} is not UTF-8 text: byte {where} (line {line}) is "
-                                   f"{seen[e.start:e.start + 1]!r}; save it as UTF-8") from None
+                    raise GPTError(f"data file {str(path)!r} is not UTF-8 text: byte {done - len(held) + e.start} (line "
+                                   f"{line}) is {seen[e.start:e.start + 1]!r}; save it as UTF-8") from None
                 done, lines = done + len(raw), lines + raw.count(b"\n")
-                if progress:
-                    progress(done)
-                cut = max((m.start() + 1 for m in SAFE_CUT.finditer(pending, max(0, len(pending) - chunk_bytes))),
-                          default=0)
+                progress(done)
+                cut = last_cut(pending, len(pending))
                 if cut:
                     yield pending[:cut]
                     pending = pending[cut:]
@@ -1247,21 +1161,21 @@ def text_chunks(path, chunk_bytes=None, progress=None):
         yield pending
 
 
-def encode_chunk(tokenizer, text, lookup=None):
-    """text -> its token ids as a 1-D tensor. Characters: each character's code point looked up in
-    lookup, a tensor over all code points. BPE: tiktoken's batch encoding on several threads,
-    over pieces cut where text_chunks cuts."""
+def encode_chunk(tokenizer, text, lookup):
+    """text -> its token ids, a 1-D int32 tensor. Characters: each one's code point looked up in
+    lookup (code point -> id). BPE: tiktoken on several threads, over pieces of about
+    PREPARE_PIECE_CHARS cut at last_cut."""
     if tokenizer.kind == "char":
-        code_points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()  # (n,)
-        return lookup[code_points]  # (n,)
-    pieces, start = [], 0
-    for m in SAFE_CUT.finditer(text, 1 << 20):  # about 1 MB a piece, for the threads
-        if m.start() + 1 - start >= 1 << 20:
-            pieces.append(text[start:m.start() + 1])
-            start = m.start() + 1
-    pieces.append(text[start:])
-    ids = tokenizer.encoding.encode_batch(pieces, num_threads=os.cpu_count() or 1, allowed_special="all")
-    return torch.cat([torch.tensor(piece, dtype=torch.int32) for piece in ids])  # (n,)
+        return lookup[torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()]  # (n,)
+    cuts = [0]
+    while len(text) - cuts[-1] > PREPARE_PIECE_CHARS:
+        cut = last_cut(text, cuts[-1] + PREPARE_PIECE_CHARS)
+        cuts.append(cut if cut > cuts[-1] else len(text))  # no cut in the piece: the rest is one piece
+    ids = array.array("i")
+    for piece in tokenizer.encoding.encode_batch([text[a:b] for a, b in zip(cuts, cuts[1:] + [len(text)]) if b > a],
+                                                 num_threads=os.cpu_count() or 1, allowed_special="all"):
+        ids.extend(piece)
+    return torch.frombuffer(ids, dtype=torch.int32)  # (n,)
 
 
 @dataclass
@@ -1271,153 +1185,78 @@ class PrepareConfig:
     out: str = option(None, "the token file to write", default_text="the data file's name + .tokens")
 
 
-class Progress:
-    """A line on stderr every LOG_EVERY_SECONDS: how far, how fast, and when it will be done."""
-
-    def __init__(self, what, total_bytes):
-        self.what, self.total, self.start, self.last = what, total_bytes, time.perf_counter(), 0.0
-
-    def __call__(self, done, note=""):
-        now = time.perf_counter()
-        if now - self.last >= LOG_EVERY_SECONDS or done == self.total:
-            rate = done / max(now - self.start, 1e-9)
-            log(f"{self.what}: {done / 1e6:,.1f} of {self.total / 1e6:,.1f} MB, {rate / 1e6:,.1f} MB/s{note}, "
-                f"ETA {duration((self.total - done) / max(rate, 1e-9))}")
-            self.last = now
-
-
 def prepare(cfg):
     """Encode cfg.data into a token file (see this section's opening). -> its path."""
     source, out = Path(cfg.data), Path(cfg.out or cfg.data + ".tokens")
     check_data_file(source)
     check_writable(out.parent, "--out")  # before the work, not after it
-    size = source.stat().st_size
-    if cfg.tokenizer == "char":  # a first pass for the vocabulary: the sorted set of characters
+    size, tokenizer, lookup = source.stat().st_size, BPETokenizer() if cfg.tokenizer == "bpe" else None, None
+    if tokenizer is None:  # a first pass for the vocabulary: the sorted set of characters
         chars = set()
-        for chunk in text_chunks(source, progress=Progress("collecting the characters", size)):
+        for chunk in text_chunks(source, Progress("collecting the characters", size, "MB", 1e6)):
             chars.update(chunk)
         tokenizer = CharTokenizer(sorted(chars))
-        lookup = torch.full((max(map(ord, chars)) + 1,), -1, dtype=torch.int32)  # code point -> id
+        lookup = torch.zeros(max(map(ord, chars)) + 1, dtype=torch.int32)  # code point -> id
         lookup[torch.tensor([ord(ch) for ch in tokenizer.chars])] = torch.arange(tokenizer.vocab_size, dtype=torch.int32)
-    else:
-        tokenizer, lookup = BPETokenizer(), None
-    wide = tokenizer.vocab_size > 1 << 16
-    header = {"format": 1, "tokenizer": tokenizer_to_dict(tokenizer), "dtype": "uint32" if wide else "uint16",
-              "tokens": 10**19, "source": source.name, "source_bytes": size}  # 10**19: room for any count
-    start = -(-(len(TOKEN_FILE_MAGIC) + 8 + len(json.dumps(header))) // 64) * 64  # the tokens start here
-    tmp, count = out.with_name(f".{out.name}.{os.getpid()}.tmp"), 0
-    try:
-        with open(tmp, "wb") as f:
-            f.seek(start)
-            progress = Progress(f"encoding ({tokenizer.kind})", size)
-            for chunk in text_chunks(source, progress=lambda done: progress(done, f", {count:,} tokens")):
-                ids = encode_chunk(tokenizer, chunk, lookup).to(torch.int32 if wide else torch.int16)  # uint16's bits
-                f.write(ctypes.string_at(ids.data_ptr(), ids.numel() * ids.element_size()))
-                count += ids.numel()
-            text = json.dumps({**header, "tokens": count})
-            f.seek(0)
-            f.write(TOKEN_FILE_MAGIC + (start - len(TOKEN_FILE_MAGIC) - 8).to_bytes(8, "little")
-                    + text.ljust(start - len(TOKEN_FILE_MAGIC) - 8).encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)  # only a finished file has the name
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise GPTError(f"could not write {out}: {e.strerror or e}") from None
-        raise
+    dtype = torch.int32 if tokenizer.vocab_size > 1 << 16 else torch.int16  # uint32's or uint16's bits
+    header = {"format": 1, "tokenizer": tokenizer_to_dict(tokenizer), "dtype": "uint32" if dtype == torch.int32
+              else "uint16", "source": source.name, "source_bytes": size}
+    room = len(json.dumps({**header, "tokens": 10**19}))  # the header's length, whatever the count
+    start = -(-(len(TOKEN_FILE_MAGIC) + 8 + room) // 64) * 64  # where the ids start
+    count, progress = 0, Progress(f"encoding ({tokenizer.kind})", size, "MB", 1e6)
+
+    def write(f):
+        nonlocal count
+        f.seek(start)
+        for chunk in text_chunks(source, lambda done: progress(done, f", {count:,} tokens")):
+            ids = encode_chunk(tokenizer, chunk, lookup).to(dtype)
+            buffer = bytearray(ids.numel() * ids.element_size())
+            torch.frombuffer(buffer, dtype=dtype).copy_(ids)  # the ids' bytes, little-endian like the file
+            f.write(buffer)
+            count += ids.numel()
+        f.seek(0)  # the header, now that the count is known
+        room = start - len(TOKEN_FILE_MAGIC) - 8
+        f.write(TOKEN_FILE_MAGIC + room.to_bytes(8, "little") + json.dumps({**header, "tokens": count}).ljust(room).encode())
+
+    write_atomically(out, write)  # only a finished file has the name
     log(f"wrote {out}: {count:,} {tokenizer.kind} tokens from {size / 1e6:,.1f} MB of text")
     return out
 
 
-def check_characters(tokenizer, text):
-    """CharTokenizer.encode's check (section 2): every character of text is in the vocabulary."""
-    unknown = sorted(set(text) - tokenizer.index.keys())
-    if unknown:
-        shown = ", ".join(repr(ch) for ch in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-        raise GPTError(f"the character vocabulary ({len(tokenizer.chars)} characters of the training text) lacks "
-                       f"{len(unknown)} character(s) of this text: {shown}")
-
-
-def check_long_enough(n_tokens, n_val, block_size):
-    """split_data's check (section 3): both splits hold a window of block_size + 1 tokens."""
-    need = 10 * (block_size + 1) + 10  # the 10% validation split then holds one window (+ 10: a margin)
-    require(n_tokens - n_val > block_size and n_val > block_size, f"the data has {n_tokens} tokens: too short "
-            f"for one window of block_size + 1 = {block_size + 1} tokens in both the training split (90%) and the "
-            f"validation split (10%); give a text of at least {need} tokens or a smaller --block-size")
-
-
 # ---- 10. Checkpoints -------------------------------------------------------------------------
 #
-# One torch.save'd dict holds everything needed to sample or to continue training:
-#     format            the version of this layout (CHECKPOINT_FORMAT)
-#     model_state       the weights (the plain module's names: no "_orig_mod." from --compile)
-#     config            the GPTConfig, as a plain dict
-#     tokenizer         {"kind": "char", "chars": ...} or {"kind": "bpe", "encoding": "gpt2"}
-#     step, loss        optimizer steps done, and the training loss of the last one
-#     best_val_loss     the best validation loss so far; history: every evaluation
-#     optimizer_state   AdamW's moments; scaler_state for float16
-#     train_args        every training setting; rng: every random generator's state
-#
-# Files are loaded with weights_only=True: only tensors and plain Python data, never code, so
-# opening a checkpoint someone sent you cannot run anything. A save goes to a temporary file in
-# the same folder, is flushed to disk, and then renamed over the old file in one step
-# (os.replace), so a crash or a kill at any moment leaves the old checkpoint or the new one.
+# One torch.save'd dict holds everything needed to sample or to continue training: format
+# (CHECKPOINT_FORMAT), model_state (the plain module's names, none of --compile's), config (the
+# GPTConfig as a dict), tokenizer ({"kind": "char", "chars": ...} or {"kind": "bpe"}), step,
+# loss (the last step's), best_val_loss, history (every evaluation), optimizer_state (and
+# scaler_state for float16), train_args (every setting) and rng (every random generator's state;
+# rng_by_rank with several processes). Saves are atomic (write_atomically). Files are loaded with
+# weights_only=True: tensors and plain data, never code, so a checkpoint from a stranger cannot
+# run anything.
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("format", "model_state", "config", "tokenizer", "step", "loss")
 
 
 def save_checkpoint(checkpoint, path, also=None):
-    """Write checkpoint to path atomically; with `also`, give the same file a second name (a hard
-    link: a 1.5 GB GPT-2 checkpoint is then written once, not twice)."""
-    path = Path(path)
-    for leftover in path.parent.glob(".*.pt.*.tmp"):  # left by a save that was killed halfway
-        leftover.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them "the" checkpoint
-        if also is not None:
-            second = also.with_name(f".{also.name}.{os.getpid()}.tmp")
-            try:
-                os.link(tmp, second)
-            except OSError:  # a file system without hard links: a second copy
-                shutil.copyfile(tmp, second)
-        os.replace(tmp, path)
-        if also is not None:  # after path: a kill in between leaves `also` older, never newer, than path
-            os.replace(second, also)
-    except BaseException as e:
-        for leftover in path.parent.glob(f".*.{os.getpid()}.tmp"):
-            leftover.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise GPTError(f"could not write {path}: {e.strerror or e}; the previous checkpoints are untouched") from None
-        raise
-    if os.name == "posix":  # make the renames themselves durable
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+    """Write checkpoint to path atomically; with `also`, the same file under a second name too."""
+    write_atomically(path, lambda f: torch.save(checkpoint, f), also)
 
 
-def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint as data only, with a clear error for each way a file can be wrong."""
+def load_checkpoint(path):
+    """Read a checkpoint, on the CPU, as data only, with a clear error for each way a file can be wrong."""
     path = Path(path)
     require(path.exists(), f"checkpoint {str(path)!r} does not exist; train one with: "
             f"python gpt.py train --out-dir {path.parent}")
     require(path.is_file(), f"checkpoint {str(path)!r} is not a file")
     try:
-        with open(path, "rb") as f:
-            f.read(1)
+        path.open("rb").close()
     except OSError as e:
         raise GPTError(f"cannot read checkpoint {path}: {e.strerror}") from None
     try:
         with warnings.catch_warnings():  # torch warns about odd pickles; the one-line error below says more
             warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location=device, weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types; each means "not a readable checkpoint"
         if "Weights only load failed" in str(e):
             raise GPTError(f"refused to load {path}: it holds Python objects that could run code when "
@@ -1433,13 +1272,16 @@ def load_checkpoint(path, device="cpu"):
     return checkpoint
 
 
+def checkpoint_config(checkpoint, source):
+    try:
+        return GPTConfig(**checkpoint["config"])
+    except TypeError as e:
+        raise GPTError(f"{source}: its config is not a GPTConfig ({e})") from None
+
+
 def model_from_checkpoint(checkpoint, path="checkpoint"):
     """-> (GPT with the checkpoint's weights, its tokenizer)."""
-    try:
-        model = GPT(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model_state"])
-    except (TypeError, RuntimeError, KeyError) as e:
-        raise GPTError(f"{path}: its weights do not fit its config ({str(e).splitlines()[0]})") from None
+    model = model_with_weights(checkpoint_config(checkpoint, path), checkpoint["model_state"], source=path)
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     require(tokenizer.vocab_size == model.config.vocab_size, f"{path}: the tokenizer has {tokenizer.vocab_size} "
             f"tokens but the model {model.config.vocab_size}")
@@ -1448,63 +1290,48 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
 
 # ---- 11. GPT-2's files: the released weights, and the BPE files offline ----------------------
 #
-# OpenAI released GPT-2 in four sizes; the Hugging Face hub serves them as two files:
-# config.json (the shape) and model.safetensors (the weights). The safetensors format is
-# simple enough to read by hand, and it holds only numbers, so a file from a stranger cannot
-# run code:
-#
-#     8 bytes        N, the length of the header (a little-endian unsigned integer)
-#     N bytes        a JSON header: {tensor name: {"dtype": "F32", "shape": [768, 2304],
-#                                     "data_offsets": [begin, end]}, "__metadata__": {...}}
-#     the rest       the raw bytes of every tensor, at its offsets
-#
-# The names are ours, with or without the "transformer." prefix (h.0.attn.c_attn.weight, ...):
-# our parameter names follow Hugging Face's checkpoints. One difference: GPT-2's code computes
-# its linear layers with a "Conv1D" that stores the weight as (in, out), where nn.Linear stores
-# (out, in). So the four matrices of each block (attn.c_attn, attn.c_proj, mlp.c_fc,
-# mlp.c_proj) are transposed on the way in. The embeddings are lookups, not Conv1D, and need
-# no transposing; lm_head is the token embedding, so it is not stored separately.
+# OpenAI released GPT-2 in four sizes; the Hugging Face hub serves each as config.json (the
+# shape) and model.safetensors (the weights). Safetensors holds only numbers, and is simple
+# enough to read by hand: 8 bytes giving the length N of a JSON header, N bytes of header
+# ({name: {"dtype": "F32", "shape": [768, 2304], "data_offsets": [begin, end]}, ...}), then the
+# raw bytes of every tensor. Its names are ours, with or without "transformer." (our names
+# follow Hugging Face's). But GPT-2's code computes its linear layers with a "Conv1D" that
+# stores the weight as (in, out), where nn.Linear stores (out, in): the four matrices of each
+# block are transposed on the way in. lm_head is the token embedding, stored once.
 
-GPT2_SIZES = {  # name: (n_layer, n_head, n_embd); all four have 1024 positions and 50257 tokens
-    "gpt2": (12, 12, 768),
-    "gpt2-medium": (24, 16, 1024),
-    "gpt2-large": (36, 20, 1280),
-    "gpt2-xl": (48, 25, 1600),
-}
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 355M, 774M and 1558M parameters
 GPT2_URL = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def read_safetensors(path):
-    """A .safetensors file -> {name: tensor}. The tensors are views of a memory map of the
-    file: nothing is read from disk until a tensor is used."""
+    """A .safetensors file -> {name: tensor}, each checked, each a view of a memory map of the file:
+    nothing is read until it is used, and GPT-2 XL's 6 GB are never held twice."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(header_size)) if 8 + header_size <= size else None
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: writable, never written back
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: never written back
+    except (OSError, ValueError) as e:
         raise GPTError(f"cannot read {str(path)!r} as a safetensors file ({e})".splitlines()[0]) from None
     require(isinstance(header, dict), f"{path} is not a safetensors file: it does not start with a JSON header")
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype") if isinstance(info, dict) else None)
-        require(dtype is not None, f"{path}: tensor {name} has dtype {info.get('dtype') if isinstance(info, dict) else info!r}; "
-                f"gpt.py reads {', '.join(SAFETENSORS_DTYPES)}")
         try:
-            shape, (begin, end) = list(info["shape"]), info["data_offsets"]
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
             count = math.prod(shape)
         except (KeyError, TypeError, ValueError):
-            raise GPTError(f"{path}: tensor {name} has no valid shape and data_offsets") from None
+            raise GPTError(f"{path}: tensor {name} has no valid dtype ({', '.join(SAFETENSORS_DTYPES)}), shape and "
+                           f"data_offsets") from None
         require(0 <= begin <= end and end - begin == count * dtype.itemsize and 8 + header_size + end <= size,
                 f"{path}: the bytes of tensor {name} do not fit its shape {shape} or the file (truncated?)")
         flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=8 + header_size + begin) if count else \
             torch.empty(0, dtype=dtype)  # (count,)
-        tensors[name] = flat.view(shape)  # (count,) -> shape
+        tensors[name] = flat.view(shape)
     return tensors
 
 
@@ -1514,14 +1341,10 @@ def gpt2_config_from_json(path):
         hf = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise GPTError(f"cannot read {str(path)!r} as a GPT-2 config.json ({e})".splitlines()[0]) from None
-    different = {  # settings that would make the checkpoint compute something other than GPT-2
-        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
-        "n_inner": (hf.get("n_inner"), (None, 4 * hf.get("n_embd", 768))),
-        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
-        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
-        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
-    }
-    for key, (value, accepted) in different.items():
+    gpt2s = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * hf.get("n_embd", 768)),
+             "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,), "layer_norm_epsilon": (1e-5,)}
+    for key, accepted in gpt2s.items():  # settings that would make the checkpoint compute something else
+        value = hf.get(key, accepted[0])
         require(value in accepted, f"{path}: {key} = {value!r}, but gpt.py computes GPT-2 with {key} = {accepted[0]!r}")
     try:
         return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
@@ -1530,30 +1353,24 @@ def gpt2_config_from_json(path):
         raise GPTError(f"{path} lacks the key {e.args[0]!r} that a GPT-2 config.json has") from None
 
 
-def cache_folder():
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt.py"
-
-
 def download(url, target):
-    """Download url to target with progress on stderr. The bytes go to target.part first, which
-    an interrupted download resumes from (an HTTP Range request); target appears only once complete."""
+    """Download url to target with progress on stderr. The bytes go to target.part first, which an
+    interrupted download resumes from (an HTTP Range request); target appears only once complete."""
     part = target.with_name(target.name + ".part")
     for attempt in range(2):
         have = part.stat().st_size if part.exists() else 0
         request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
+            with urllib.request.urlopen(request, timeout=60) as response, open(part, "ab" if have else "wb") as f:
                 if response.status != 206:  # the server sent the whole file: start from its first byte
                     have = 0
+                    f.truncate(0)
                 total = have + int(response.headers.get("Content-Length", 0))
-                with open(part, "ab" if have else "wb") as f:
-                    last_report = 0.0
-                    while chunk := response.read(1 << 20):
-                        f.write(chunk)
-                        have += len(chunk)
-                        if time.time() - last_report > 1 or have == total:
-                            log(f"downloading {target.name}: {have / 1e6:,.0f} of {total / 1e6:,.0f} MB")
-                            last_report = time.time()
+                progress = Progress(f"downloading {target.name}", total, "MB", 1e6)
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    have += len(chunk)
+                    progress(have)
             break
         except urllib.error.HTTPError as e:
             if e.code == 416 and attempt == 0:  # "range not satisfiable": the part is complete or stale
@@ -1567,26 +1384,20 @@ def download(url, target):
     os.replace(part, target)
 
 
-def download_gpt2(name):
-    """Fetch config.json and model.safetensors of a GPT-2 size once; afterwards read them offline.
-    Several processes (torchrun) take turns through a lock: the first downloads, the rest find it."""
-    folder = cache_folder() / name
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        if hasattr(os, "O_RDONLY") and sys.platform != "win32":
-            import fcntl  # Unix
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        for file in ("config.json", "model.safetensors"):
-            target = folder / file
-            if not target.exists():
-                download(GPT2_URL.format(name=name, file=file), target)
-    return folder
-
-
 def gpt2_weight_files(name_or_path):
-    """A GPT-2 size, a folder or a .safetensors file -> (its config.json, maybe absent; its weights)."""
+    """A GPT-2 size, a folder or a .safetensors file -> (its config.json, maybe absent; its weights).
+    A size is downloaded once into the cache folder; several processes (torchrun) take turns
+    through a lock there, so that the first downloads and the others find the files."""
     if name_or_path in GPT2_SIZES:
-        folder = download_gpt2(name_or_path)
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt.py" / name_or_path
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "w") as lock:
+            if sys.platform != "win32":
+                import fcntl  # Unix only
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            for file in ("config.json", "model.safetensors"):
+                if not (folder / file).exists():
+                    download(GPT2_URL.format(name=name_or_path, file=file), folder / file)
         return folder / "config.json", folder / "model.safetensors"
     path = Path(name_or_path)
     if path.is_dir():
@@ -1601,8 +1412,8 @@ def gpt2_weight_files(name_or_path):
 def read_gpt2_weights(name_or_path):
     """-> (GPTConfig, state dict with our names), every tensor's name and shape checked."""
     config_path, weights_path = gpt2_weight_files(name_or_path)
-    tensors = read_safetensors(weights_path)
-    tensors = {name.removeprefix("transformer."): t for name, t in tensors.items()}
+    tensors = {name.removeprefix("transformer."): t for name, t in read_safetensors(weights_path).items()
+               if not name.endswith((".attn.bias", ".attn.masked_bias"))}  # GPT-2's causal mask, stored by old files
     if config_path.exists():
         config = gpt2_config_from_json(config_path)
     else:  # a bare .safetensors: read the shape off the tensors; every GPT-2 size has 64-wide heads
@@ -1613,28 +1424,23 @@ def read_gpt2_weights(name_or_path):
         n_layer = len({name.split(".")[1] for name in tensors if name.startswith("h.")})
         config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_embd // 64,
                            n_embd=n_embd)
-
+    head = tensors.pop("lm_head.weight", None)
     with torch.device("meta"):  # the expected names and shapes, without allocating any memory
-        expected = GPT(config).state_dict()
+        expected = {name.removeprefix("transformer."): t.shape for name, t in GPT(config).state_dict().items()
+                    if name != "lm_head.weight"}
+    unexpected, missing = sorted(tensors.keys() - expected.keys()), sorted(expected.keys() - tensors.keys())
+    if unexpected or missing:
+        raise GPTError(f"{weights_path}: unexpected tensor {unexpected[0]!r}, not part of GPT-2" if unexpected else
+                       f"{weights_path} lacks {len(missing)} tensor(s) of GPT-2, the first {missing[0]!r}")
+    require(head is None or torch.equal(head, tensors["wte.weight"]), f"{weights_path}: lm_head.weight differs "
+            f"from wte.weight; GPT-2 ties them, and so does gpt.py")
     state = {}
     for name, t in tensors.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # older files store GPT-2's causal mask as a buffer; we build ours
-        if name == "lm_head.weight":
-            require(torch.equal(t, tensors["wte.weight"]), f"{weights_path}: lm_head.weight differs from wte.weight; "
-                    "GPT-2 ties them, and so does gpt.py")
-            continue
-        ours = "transformer." + name
-        require(ours in expected, f"{weights_path}: unexpected tensor {name!r}, not part of GPT-2")
-        conv1d = name.endswith(CONV1D_WEIGHTS)
-        shape = tuple(expected[ours].shape)[::-1] if conv1d else tuple(expected[ours].shape)  # as the file stores it
+        conv1d = name.endswith(CONV1D_WEIGHTS)  # stored (in, out): nn.Linear's (out, in) transposed
+        shape = tuple(expected[name])[::-1] if conv1d else tuple(expected[name])
         require(tuple(t.shape) == shape, f"{weights_path}: {name} has shape {tuple(t.shape)}, expected {shape} "
                 f"for this config")
-        state[ours] = (t.t() if conv1d else t).float()  # Conv1D (in, out) -> nn.Linear (out, in)
-    missing = [name for name in expected if name not in state and name != "lm_head.weight"]
-    if missing:
-        raise GPTError(f"{weights_path} lacks {len(missing)} tensor(s) of GPT-2, the first "
-                       f"{missing[0].removeprefix('transformer.')!r}")
+        state["transformer." + name] = (t.t() if conv1d else t).float()
     state["lm_head.weight"] = state["transformer.wte.weight"]  # tied: one tensor under two names
     return config, state
 
@@ -1643,24 +1449,29 @@ def load_gpt2(name_or_path, dropout=0.0, block_size=None):
     """GPT.from_pretrained (section 4): a GPT holding GPT-2's weights, with the given dropout;
     a block_size below 1,024 keeps the first block_size positions (a cheaper context)."""
     config, state = read_gpt2_weights(name_or_path)
-    return model_with_weights(dataclasses.replace(config, dropout=dropout), state, block_size,
-                              f"--init-from {name_or_path}")
+    config, state = with_block_size(config, state, block_size, f"--init-from {name_or_path}")
+    return model_with_weights(dataclasses.replace(config, dropout=dropout), state)
 
 
-def model_with_weights(config, state, block_size=None, source="the checkpoint"):
-    """A GPT of config's shape holding the weights of state (GPT's own names), its context set to
-    block_size. A shorter context keeps the first block_size learned positions. A longer one
-    needs RoPE, whose positions are rotations that any position has: a learned wpe has no
-    vector for a position it never saw."""
+def with_block_size(config, state, block_size, source):
+    """A model's config and weights with its context changed to block_size (None: unchanged). A
+    shorter context keeps the first block_size learned positions. A longer one needs RoPE, whose
+    positions are rotations that any position has: a learned wpe has no vector for a position it
+    never saw."""
     old = config.block_size
-    if block_size is not None and block_size != old:
-        require(block_size < old or config.pos == "rope", f"--block-size {block_size} is longer than the {old} "
-                f"positions that {source} has learned (wpe): nothing is known of position {old} and on. A model "
-                f"trained with --pos rope takes any --block-size; this one takes {old} or less")
-        config = dataclasses.replace(config, block_size=block_size)
-        if "transformer.wpe.weight" in state:  # (old, C) -> (block_size, C)
-            state = {**state, "transformer.wpe.weight": state["transformer.wpe.weight"][:block_size]}
-    with torch.device("meta"):  # shapes only: drawing 1.5B random numbers for gpt2-xl would be wasted
+    if block_size is None or block_size == old:
+        return config, state
+    require(block_size < old or config.pos == "rope", f"--block-size {block_size} is longer than the {old} "
+            f"positions that {source} has learned (wpe): nothing is known of position {old} and on. A model "
+            f"trained with --pos rope takes any --block-size; this one takes {old} or less")
+    if "transformer.wpe.weight" in state:  # (old, C) -> (block_size, C)
+        state = {**state, "transformer.wpe.weight": state["transformer.wpe.weight"][:block_size]}
+    return dataclasses.replace(config, block_size=block_size), state
+
+
+def model_with_weights(config, state, source="the checkpoint"):
+    """A GPT of config's shape holding state's weights, built without drawing initial weights."""
+    with torch.device("meta"):  # shapes only
         model = GPT(config)
     model.to_empty(device="cpu")
     model.lm_head.weight = model.transformer.wte.weight  # to_empty gave the two names separate tensors
@@ -1672,112 +1483,24 @@ def model_with_weights(config, state, block_size=None, source="the checkpoint"):
 
 
 def gpt2_bpe_encoding():
-    """tiktoken's "gpt2" encoding (BPETokenizer, section 2). tiktoken downloads its two files on
-    first use; offline, they must already be in TIKTOKEN_CACHE_DIR (README.md, "BPE offline")."""
+    """tiktoken's "gpt2" encoding (BPETokenizer, section 2), whose two files tiktoken downloads on
+    first use; offline, they must already be in TIKTOKEN_CACHE_DIR (README.md)."""
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises whatever its download raised
-        raise GPTError(
-            "could not load GPT-2's BPE files: tiktoken downloads them on first use, which needs "
-            "network access, and keeps them in the folder named by TIKTOKEN_CACHE_DIR; set "
-            f"TIKTOKEN_CACHE_DIR to a folder that holds them ({type(e).__name__}: {e})".splitlines()[0]
-        ) from None
+        raise GPTError(f"could not load GPT-2's BPE files: tiktoken downloads them on first use (network access) "
+                       f"into TIKTOKEN_CACHE_DIR; set it to a folder that holds them ({type(e).__name__}: "
+                       f"{e})".splitlines()[0]) from None
 
 
 # ---- 12. Training runs -----------------------------------------------------------------------
 #
-# train() (section 5) is the loop; a TrainingRun is everything around it. Before anything is
-# written it checks every input: the flags, the data, a checkpoint to resume and whether its
-# shape and tokenizer agree with the flags, the out-dir. It then builds or restores the model,
-# the optimizer and the random generators. While the loop runs, it evaluates and saves
-# (ckpt.pt: the weights with the best validation loss; last.pt: the latest state, from which
-# --resume continues; loss.svg: the curve so far, section 14), logs progress with tokens/s,
-# MFU and an ETA, stops on a NaN with the last good val loss, and on Ctrl-C finishes the step
-# and saves.
-#
-# Each setting is a field of TrainConfig, and each field is also a command-line flag: option()
-# (at the start of Part II) keeps the flag's help text beside its default; section 16 builds the
-# parser from them.
-
-# Several processes: torchrun and DDP.
-#
-# `torchrun --standalone --nproc_per_node N gpt.py train ...` starts N processes (on CUDA one
-# per GPU, NCCL between them; on CPUs gloo), each told its RANK and the WORLD_SIZE in its
-# environment. They train one model together with PyTorch's DistributedDataParallel (DDP):
-# every process holds the whole model and computes the gradients of its own micro-batches;
-# DDP averages the gradients across the processes before each optimizer step, so that every
-# copy takes the same step. The settings mean the same whatever N is:
-# - --batch-size and --grad-accum describe one optimizer step: grad_accum micro-batches of
-#   batch_size sequences, shared out between the processes (grad_accum divisible by N). Every
-#   process draws the same random windows from the same seeded generator and keeps micro-batch
-#   rank, rank + N, ...: together they compute exactly the micro-batches of a 1-process run,
-#   and with dropout 0 the losses agree with it to within float rounding (tested, 2 processes).
-# - Gradients are averaged once per step: DDP's no_sync covers the forward and the backward of
-#   every micro-batch but the last (covering only the backward is a known silent bug: DDP
-#   prepares the averaging in the forward pass).
-# - Evaluation batches are shared out as well, and the losses averaged over all of them.
-# - Only rank 0 logs and writes files. After every step the processes agree, in one small
-#   all_reduce, on whether to log and whether to stop, so they all stop at the same step. Ctrl-C
-#   or SIGTERM to torchrun reaches every process; rank 0 saves last.pt with every rank's random
-#   state, and --resume with the same N continues bit for bit (with another N, correctly; the
-#   dropout of ranks above 0 then starts again from its seed). A NaN stops every process.
-# - A process killed outright makes torchrun end the others; saves are atomic, so the last
-#   checkpoint is whole.
-# - --compile with DDP: the model is compiled, then wrapped, the usual order; not run here.
-# On several machines: the same torchrun on each, with --nnodes, --node_rank and a rendezvous
-# address (README.md shows it).
-
-def process_rank():
-    return int(os.environ.get("RANK", 0))  # torchrun sets it; 0 when started alone
-
-
-def process_count():
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def start_processes(device):
-    """Join the processes torchrun started -> the device of this one (its own GPU on CUDA) and a
-    gloo group for the small decisions all of them share (NCCL reduces only GPU tensors)."""
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.new_group(backend="gloo")
-
-
-def share_of(next_batch):
-    """With N processes: next_batch called N times, the same windows on every process, and this
-    process's one kept. Alone: next_batch itself."""
-    if process_count() == 1:
-        return next_batch
-
-    def this_process_share():
-        return [next_batch() for _ in range(process_count())][process_rank()]
-    return this_process_share
-
-
-def gradients_shared(model, after):
-    """With DDP, the gradients are averaged across the processes only in the backward pass after
-    which `after` is true: no_sync around the forward and the backward of the others."""
-    if isinstance(model, nn.parallel.DistributedDataParallel) and not after:
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
-def reduced(value, op):
-    """value (a tensor) combined over all processes with op (dist.ReduceOp.SUM, .MAX)."""
-    if process_count() == 1:
-        return value
-    value = value.detach().clone().to("cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(value, op=op)
-    return value
-
-
-def mean_over_processes(total, count):
-    """The sum of total (a tensor) over all processes, divided by count -> a float."""
-    return (reduced(total, dist.ReduceOp.SUM) / count).item()
-
+# train() (section 5) is the run; a TrainingRun is the engineering around it. Before anything
+# is written it checks every input: the flags, the data, a checkpoint to resume and whether its
+# shape and tokenizer agree with the flags, the out-dir. Then it saves (ckpt.pt: the weights
+# with the best val loss; last.pt: the latest state, which --resume continues; loss.svg), logs
+# tokens/s, MFU and an ETA, stops on a NaN, and on Ctrl-C finishes the step and saves. Each
+# field of TrainConfig is a command-line flag, its help text beside its default (option()).
 
 def check_model_config(config):
     """GPTConfig's check (section 1): a clear error for a shape no model can have."""
@@ -1797,10 +1520,9 @@ class TrainConfig:
     data: str = option("input.txt", "UTF-8 text file to train on, or a token file from `python gpt.py prepare`")
     tokenizer: str = option(None, "char: one token per character; bpe: GPT-2's 50,257 tokens", choices=("char", "bpe"),
                             default_text="char; with --resume the checkpoint's; with --init-from bpe")
-    out_dir: str = option("out", "folder for ckpt.pt (best validation loss) and last.pt (latest state)")
-    init_from: str = option(None, "start from GPT-2's weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local "
-                            "folder or .safetensors file) or from a gpt.py checkpoint (a .pt file): a new run "
-                            "that fine-tunes it; the shape comes from it", default_text="a new model")
+    out_dir: str = option("out", "folder for ckpt.pt (best val loss), last.pt (latest state) and loss.svg")
+    init_from: str = option(None, "fine-tune, as a new run: GPT-2's weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                            "a folder or a .safetensors file) or a gpt.py checkpoint (.pt)", default_text="a new model")
     resume: bool = option(False, "continue the run saved in --out-dir, from last.pt; flags you give override its "
                           "settings (a larger --max-iters keeps the saved learning-rate schedule)")
     device: str = option("auto", "where to train; auto picks cuda, then mps, then cpu", choices=DEVICES)
@@ -1815,14 +1537,12 @@ class TrainConfig:
                              default_text=f"{GPTConfig.block_size}, or the checkpoint's")
     pos: str = option(None, "positions: learned (GPT-2's wpe) or rope (rotary)", choices=("learned", "rope"),
                       default_text="learned, or the checkpoint's")
-    dropout: float = option(0.1, "dropout probability while training: 0.1 keeps the default model from overfitting "
-                            "1 MB of text in its 5,000 steps; 0 pays in runs of a few minutes (README.md)")
+    dropout: float = option(0.1, "dropout probability while training (0.1 keeps the default model from overfitting)")
     batch_size: int = option(16, "sequences per micro-batch (B)")
     grad_accum: int = option(1, "micro-batches per optimizer step (the gradient is their mean)")
     max_iters: int = option(5000, "optimizer steps to train for (5k steps: a usable model)")
-    max_minutes: float = option(None, "instead of --max-iters: time the first steps, then set --max-iters (and "
-                                "with it the learning-rate schedule) to fill about this many minutes of training "
-                                "and evaluation; the count is printed and saved", default_text="use --max-iters")
+    max_minutes: float = option(None, "instead of --max-iters: time the first steps, then set --max-iters (and the "
+                                "schedule) to fill about this many minutes; the count is saved", default_text="--max-iters")
     lr: float = option(1e-3, "peak learning rate, reached after the warm-up")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay (Chinchilla: lr / 10)")
     warmup_iters: int = option(100, "steps of linear warm-up to --lr")
@@ -1835,30 +1555,19 @@ class TrainConfig:
     peak_flops: float = option(None, "peak FLOP/s for the MFU figure",
                                default_text="a matmul probe on CPU, the card's published peak on CUDA")
 
-    def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "lr_decay_iters"):
-            value = getattr(self, name)
-            require(value is None or value > 0, f"--{flag(name)} must be a positive whole number, got {value}")
-        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value > 0, f"--{flag(name)} must be a positive whole number, got {value}")
-        require(self.warmup_iters >= 0, f"--warmup-iters must be 0 or more, got {self.warmup_iters}")
-        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
-        require(0 <= self.min_lr <= self.lr, f"--min-lr must be between 0 and --lr ({self.lr}), got {self.min_lr}")
-        require(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        require(0 < self.beta2 < 1, f"--beta2 must be in (0, 1), got {self.beta2}")
-        require(self.grad_clip > 0, f"--grad-clip must be positive, got {self.grad_clip}")
-        require(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
-        require(self.peak_flops is None or self.peak_flops > 0, f"--peak-flops must be positive, got {self.peak_flops}")
-        require(self.max_minutes is None or self.max_minutes > 0, f"--max-minutes must be positive, got "
-                f"{self.max_minutes}")
+    def __post_init__(self):  # the model's shape and dropout are GPTConfig's to check (section 12)
+        positive(self, "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
+                 *(["lr_decay_iters"] if self.lr_decay_iters is not None else []))
+        for name, ok, accepted in (("warmup_iters", self.warmup_iters >= 0, "0 or more"), ("lr", self.lr > 0, "positive"),
+                                   ("min_lr", 0 <= self.min_lr <= self.lr, f"between 0 and --lr ({self.lr})"),
+                                   ("weight_decay", self.weight_decay >= 0, "0 or more"),
+                                   ("beta2", 0 < self.beta2 < 1, "in (0, 1)"), ("grad_clip", self.grad_clip > 0, "positive"),
+                                   ("peak_flops", self.peak_flops is None or self.peak_flops > 0, "positive"),
+                                   ("max_minutes", self.max_minutes is None or self.max_minutes > 0, "positive")):
+            require(ok, f"{flag(name)} must be {accepted}, got {getattr(self, name)}")
         require(self.max_minutes is None or self.warmup_iters >= 4, f"--max-minutes times the first steps, whose "
                 f"learning rate must not depend on the run's length: it needs --warmup-iters of 4 or more, got "
                 f"{self.warmup_iters}")
-        require(self.tokenizer in (None, "char", "bpe"), f"unknown tokenizer {self.tokenizer!r}: expected char or bpe")
-        if self.n_embd is not None and self.n_head is not None:
-            require(self.n_embd % self.n_head == 0, f"--n-embd ({self.n_embd}) must be divisible by --n-head "
-                    f"({self.n_head}): each head gets n_embd // n_head channels")
 
 
 def resume_path(out_dir):
@@ -1884,10 +1593,96 @@ def resumed_config(given):
     return TrainConfig(**{**saved, **given}), checkpoint
 
 
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "pos")  # TrainConfig's fields that are GPTConfig's
+
+
+def model_source(cfg, text, resume, data_tokenizer):
+    """-> (tokenizer, GPTConfig, weights or None). The shape and the tokenizer come from the
+    checkpoint being resumed, from --init-from, or from the flags and the data; a flag may repeat
+    a checkpoint's shape but not change it (but for --init-from's --block-size). data_tokenizer:
+    a token file's, which must then be the model's."""
+    weights, source = None, None
+    if resume is not None or (cfg.init_from is not None and Path(cfg.init_from).suffix == ".pt"):
+        checkpoint = resume if resume is not None else load_checkpoint(cfg.init_from)
+        source = f"the checkpoint {resume_path(Path(cfg.out_dir))}" if resume is not None else f"--init-from {cfg.init_from}"
+        tokenizer, config = tokenizer_from_dict(checkpoint["tokenizer"]), checkpoint_config(checkpoint, source)
+        weights = checkpoint["model_state"]
+    elif cfg.init_from is not None:
+        (config, weights), tokenizer, source = read_gpt2_weights(cfg.init_from), BPETokenizer(), f"--init-from {cfg.init_from}"
+    else:
+        tokenizer = data_tokenizer or (BPETokenizer() if cfg.tokenizer == "bpe" else CharTokenizer.from_text(text))
+        source = f"--data {cfg.data}" if data_tokenizer else None
+        shape = {name: getattr(GPTConfig if getattr(cfg, name) is None else cfg, name) for name in SHAPE_FLAGS}
+        config = GPTConfig(vocab_size=tokenizer.vocab_size, **shape)  # the flags given, else GPTConfig's defaults
+    if cfg.init_from is not None:
+        config, weights = with_block_size(config, weights, cfg.block_size, source)
+    if source is not None:  # the shape comes from the checkpoint (or the file): a flag may only repeat it
+        given = {"tokenizer": cfg.tokenizer, **{name: getattr(cfg, name) for name in SHAPE_FLAGS}}
+        has = {"tokenizer": tokenizer.kind, **{name: getattr(config, name) for name in given if name != "tokenizer"}}
+        for name, value in given.items():
+            require(value is None or value == has[name], f"{flag(name)} {value} does not match {source}, which "
+                    f"has {name} {has[name]}")
+    require(tokenizer.vocab_size == config.vocab_size, f"{source}: the model has {config.vocab_size} tokens, but "
+            f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size}")
+    if data_tokenizer is not None and tokenizer_to_dict(data_tokenizer) != tokenizer_to_dict(tokenizer):
+        describe = [f"char, {t.vocab_size} characters" if t.kind == "char" else "GPT-2's BPE" for t in (data_tokenizer, tokenizer)]
+        raise GPTError(f"--data {cfg.data} was prepared with another tokenizer ({describe[0]}) than {source}'s "
+                       f"({describe[1]}); prepare the text again with the model's tokenizer")
+    return tokenizer, dataclasses.replace(config, dropout=cfg.dropout), weights
+
+
+# Several processes: `torchrun --nproc_per_node N gpt.py train ...` starts N processes (one per
+# GPU on CUDA, NCCL between them; gloo on CPUs), told their RANK and WORLD_SIZE. Each holds the
+# whole model; PyTorch's DistributedDataParallel (DDP) averages their gradients before each
+# step. A step still means --grad-accum micro-batches of --batch-size: every process draws the
+# same windows and computes micro-batches rank, rank + N, ..., so N processes compute what one
+# does. DDP averages once per step: no_sync covers the forward and the backward of the other
+# micro-batches (the backward alone is a known silent bug). Every process evaluates the same
+# batches; rank 0 alone logs and writes, saving every rank's random state, so --resume with the
+# same N continues bit for bit (with another N, ranks above 0 restart their dropout's seed).
+#
+# Collectives: a function that exchanges data between the processes returns only once every
+# process has called it, so all must call it at the same point, or all wait forever: never
+# under `if process_rank() == 0`. They are all_reduced below and the TrainingRun methods that
+# call it, each marked "Collective".
+
+def process_rank():
+    return int(os.environ.get("RANK", 0))  # torchrun sets it; 0 when started alone
+
+
+def process_count():
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def share_of(next_batch):
+    """With N processes: next_batch called N times, the same windows on every process (their
+    generators stay in step), and this process's one kept. Alone: next_batch itself."""
+    if process_count() == 1:
+        return next_batch
+    return lambda: [next_batch() for _ in range(process_count())][process_rank()]
+
+
+def gradients_averaged(model, now):
+    """With DDP, the gradients are averaged across the processes in the backward pass when `now`
+    is true, and only then: no_sync around the forward and the backward of the others."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not now:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduced(value, op, group=None):
+    """Collective: a tensor combined over all processes with op (dist.ReduceOp.SUM, MAX, MIN)."""
+    if process_count() == 1:
+        return value
+    value = value.detach().clone().to("cuda" if group is None and dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=op, group=group)
+    return value
+
+
 @contextlib.contextmanager
-def ctrl_c_finishes_the_step():
-    """While training, the first Ctrl-C (or a `kill`, SIGTERM) asks the loop to stop after the
-    current step: it then saves and exits. A second Ctrl-C stops at once, without saving."""
+def stop_on_ctrl_c():
+    """While training, the first Ctrl-C (or SIGTERM) asks the loop to stop after the current step,
+    then save and exit; the list it yields notes the request. A second Ctrl-C stops at once."""
     requested = []
 
     def handler(signum, frame):
@@ -1897,9 +1692,8 @@ def ctrl_c_finishes_the_step():
         log(f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: finishing this step, then saving "
             f"(Ctrl-C again stops at once, without saving)")
 
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = {s: signal.signal(s, handler) for s in stop_signals}
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave the signals alone
         previous = {}
     try:
@@ -1909,120 +1703,73 @@ def ctrl_c_finishes_the_step():
             signal.signal(s, handler_before)
 
 
-def model_for_run(cfg, text, resume, out_dir, data_tokenizer=None):
-    """-> (tokenizer, GPTConfig, the GPT with GPT-2's weights or None). The shape and the
-    tokenizer come from the checkpoint being resumed, from --init-from, or from the flags; a
-    flag may repeat a checkpoint's shape but not change it. data_tokenizer: a token file's, which
-    must then be the model's."""
-    model = None
-    if resume is not None:
-        tokenizer = tokenizer_from_dict(resume["tokenizer"])
-        config = dataclasses.replace(GPTConfig(**resume["config"]), dropout=cfg.dropout)
-        source = f"the checkpoint {resume_path(out_dir)}"
-    elif cfg.init_from is not None and Path(cfg.init_from).suffix == ".pt":  # a gpt.py checkpoint, fine-tuned
-        checkpoint, source = load_checkpoint(cfg.init_from), f"--init-from {cfg.init_from}"
-        tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-        try:
-            config = dataclasses.replace(GPTConfig(**checkpoint["config"]), dropout=cfg.dropout)
-        except TypeError as e:
-            raise GPTError(f"{source}: its config is not a GPTConfig ({e})") from None
-        model = model_with_weights(config, checkpoint["model_state"], cfg.block_size, cfg.init_from)
-        config = model.config
-    elif cfg.init_from is not None:
-        tokenizer = BPETokenizer()
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, block_size=cfg.block_size)
-        config = model.config
-        source = f"--init-from {cfg.init_from}"
-    elif data_tokenizer is not None:
-        tokenizer = data_tokenizer
-        config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size or GPTConfig.block_size,
-                           n_layer=cfg.n_layer or GPTConfig.n_layer, n_head=cfg.n_head or GPTConfig.n_head,
-                           n_embd=cfg.n_embd or GPTConfig.n_embd, dropout=cfg.dropout, pos=cfg.pos or "learned")
-        source = f"--data {cfg.data}"
-    else:
-        tokenizer = CharTokenizer.from_text(text) if cfg.tokenizer in (None, "char") else BPETokenizer()
-        config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size or GPTConfig.block_size,
-                           n_layer=cfg.n_layer or GPTConfig.n_layer, n_head=cfg.n_head or GPTConfig.n_head,
-                           n_embd=cfg.n_embd or GPTConfig.n_embd, dropout=cfg.dropout, pos=cfg.pos or "learned")
-        source = None
-    if source is not None:  # the shape comes from the checkpoint: a flag may only repeat it
-        given = {"tokenizer": cfg.tokenizer, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
-                 "block_size": cfg.block_size, "pos": cfg.pos}
-        from_source = {"tokenizer": tokenizer.kind, **{k: getattr(config, k) for k in given if k != "tokenizer"}}
-        for name, value in given.items():
-            if value is not None and value != from_source[name]:
-                raise GPTError(f"--{flag(name)} {value} does not match {source}, which has {name} {from_source[name]}")
-    require(tokenizer.vocab_size == config.vocab_size, f"{source}: the model has {config.vocab_size} tokens, but "
-            f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size}")
-    if data_tokenizer is not None and tokenizer_to_dict(data_tokenizer) != tokenizer_to_dict(tokenizer):
-        raise GPTError(f"--data {cfg.data} was prepared with another tokenizer ({describe(data_tokenizer)}) than "
-                       f"{source}'s ({describe(tokenizer)}); prepare the text again with the model's tokenizer")
-    return tokenizer, config, model
-
-
-def describe(tokenizer):
-    return f"char, {tokenizer.vocab_size} characters" if tokenizer.kind == "char" else "GPT-2's BPE"
-
-
 class TrainingRun:
     """One training run's state and the work around train()'s loop: see this section's opening."""
 
     def __init__(self, cfg, resume_checkpoint=None):
+        """Check every input, before anything is written; pick the device; join the other processes."""
         self.device, self.out_dir = pick_device(cfg.device), Path(cfg.out_dir)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         check_training_dtype(self.dtype, self.device)
-        if is_token_file(cfg.data):  # prepared by `python gpt.py prepare`: memory-mapped, never read whole
-            header, tokens = read_token_file(cfg.data)
-            text, data_tokenizer = None, tokenizer_from_dict(header["tokenizer"])
-        else:
-            text, data_tokenizer = read_text(cfg.data), None
-        # Everything that can be wrong with the input is checked before anything is written.
-        resume = (resume_checkpoint or load_checkpoint(resume_path(self.out_dir))) if cfg.resume else None
-        if resume is None:
+        check_data_file(Path(cfg.data))
+        token_file = read_token_file(cfg.data)  # (header, ids) of a file from `prepare`; None for a text
+        text = read_text(cfg.data) if token_file is None else None
+        self.resume = (resume_checkpoint or load_checkpoint(resume_path(self.out_dir))) if cfg.resume else None
+        if self.resume is None:
             for name in ("ckpt.pt", "last.pt"):
                 require(not (self.out_dir / name).exists(), f"{self.out_dir / name} already holds a training run: "
                         f"continue it with --resume, or train into another --out-dir")
-        self.tokenizer, config, model = model_for_run(cfg, text, resume, self.out_dir, data_tokenizer)
-        self.cfg = cfg = dataclasses.replace(cfg, tokenizer=self.tokenizer.kind, n_layer=config.n_layer,
-                                             n_head=config.n_head, n_embd=config.n_embd, block_size=config.block_size,
-                                             pos=config.pos)
-        self.train_data, self.val_data = split_data(self.tokenizer.encode(text), config.block_size) if text is not None \
-            else split_tokens(tokens, config.block_size)
-        check_writable(self.out_dir)
+        data_tokenizer = tokenizer_from_dict(token_file[0]["tokenizer"]) if token_file else None
+        self.tokenizer, self.config, self.weights = model_source(cfg, text, self.resume, data_tokenizer)
+        shape = {name: getattr(self.config, name) for name in SHAPE_FLAGS}
+        self.cfg = cfg = dataclasses.replace(cfg, tokenizer=self.tokenizer.kind, **shape)  # saved with the run
+        self.tokens = torch.tensor(self.tokenizer.encode(text)) if text is not None else token_file[1]  # (N,)
+        check_writable(self.out_dir, "--out-dir")
         require(cfg.grad_accum % process_count() == 0, f"--grad-accum {cfg.grad_accum} is not divisible by the "
                 f"{process_count()} processes that share out its micro-batches")
-        self.control = None  # with several processes, the group their shared decisions go through
+        self.control = None  # with several processes, a gloo group for their shared decisions (NCCL takes only GPU tensors)
         if process_count() > 1:
-            self.device, self.control = start_processes(self.device)
-
-        torch.manual_seed(cfg.seed)
+            if self.device.type == "cuda":  # this process's own GPU
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.control = dist.new_group(backend="gloo")
         random.seed(cfg.seed)  # nothing here draws from Python's random; a reader's additions might
-        self.model = (model or GPT(config)).to(self.device)
-        if process_rank():  # every process starts from the same weights; dropout differs from process to process
-            torch.manual_seed(cfg.seed + process_rank())
-        self.params = list(self.model.parameters())
-        self.optimizer = make_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.batches = torch.Generator().manual_seed(cfg.seed)  # the training windows' own generator
-        self.step, self.best_val, self.history = 0, float("inf"), []
-        if resume is not None:
-            self.restore(resume)
-        self.compiled = torch.compile(self.model) if cfg.compile else self.model  # the same model, unless --compile
-        self.training_model = self.compiled  # with several processes, wrapped by DDP: compiled first, then wrapped
-        if process_count() > 1:
-            gpu = [self.device.index] if self.device.type == "cuda" else None
-            self.training_model = nn.parallel.DistributedDataParallel(self.compiled, device_ids=gpu)
         self.autocast_ctx = autocast(self.device, self.dtype)
-        self.loss = torch.tensor(resume["loss"] if resume is not None else float("nan"))  # the last step's loss
-        self.first_bad_step = torch.full((), -1, device=self.device)  # set on the device, read only when we log
-        self.log_start(resuming=resume is not None)
+        self.step, self.best_val, self.history = 0, float("inf"), []
+
+    def start(self, model, optimizer, batches):
+        """Keep the model, its optimizer and the batches' generator, to save them; with --resume,
+        give them their saved state. Log what trains on what, and start the clocks."""
+        self.model, self.optimizer, self.batches = model, optimizer, batches
+        if process_rank():  # every process starts from the same weights; dropout differs from process to process
+            torch.manual_seed(self.cfg.seed + process_rank())
+        if self.resume is not None:
+            self.restore(self.resume)
+        cfg, c = self.cfg, model.config
+        self.loss = torch.tensor(self.resume["loss"] if self.resume is not None else float("nan"))  # the last step's
+        self.first_bad_step = torch.full((), -1, device=self.device)  # see after_step
+        self.tokens_per_step = cfg.batch_size * c.block_size * cfg.grad_accum
+        self.flops_per_step = flops_per_token(model) * self.tokens_per_step
+        # The MFU's peak, probed once, by the process that logs.
+        self.peak = cfg.peak_flops or (measure_peak_flops(self.device, self.dtype) if process_rank() == 0 else 1.0)
+        log(f"model: {model.num_parameters():,} parameters, {c.n_layer} layers x {c.n_head} heads x {c.n_embd} "
+            f"wide, context {c.block_size}, {c.pos} positions; {self.tokenizer.kind} tokenizer ({c.vocab_size} tokens), "
+            f"{len(self.tokens):,} tokens in {cfg.data}")
+        log(f"device: {self.device.type} x {process_count()} process(es), {dtype_name(self.dtype)}, "
+            f"{self.tokens_per_step:,} tokens per step, peak {self.peak / 1e9:,.0f} GFLOP/s"
+            + (f"; resuming at step {self.step}" if self.resume else ""))
+        # ms/step counts training steps only; the ETA adds the evaluations to come.
+        self.started = time.perf_counter()
+        self.train_seconds, self.timed_steps, self.eval_seconds = 0.0, 0, 0.0
+        self.last_log_time, self.last_log_step = self.started, self.step
         # --max-minutes: the steps 2 .. plan_at are timed, all within the warm-up, whose learning
         # rate does not depend on max_iters: a run given the planned count takes the same steps.
-        self.plan_at = min(100, cfg.warmup_iters - 1) if cfg.max_minutes and resume is None else None
+        self.plan_at = min(100, cfg.warmup_iters - 1) if cfg.max_minutes and self.resume is None else None
 
-    def restore(self, checkpoint):
-        """Continue where the checkpoint stopped: weights, optimizer, step, history, random state."""
-        self.model.load_state_dict(checkpoint["model_state"])
+    def restore(self, checkpoint):  # the optimizer, step, history and random state of the checkpoint
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if "scaler_state" in checkpoint:
             self.scaler.load_state_dict(checkpoint["scaler_state"])
@@ -2034,112 +1781,95 @@ class TrainingRun:
         if mine is rng and process_rank():  # another number of processes: this rank's dropout keeps its seed
             return
         torch.set_rng_state(mine["torch"])
-        if self.device.type in mine:  # dropout's random state on the GPU
-            (torch.cuda if self.device.type == "cuda" else torch.mps).set_rng_state(mine[self.device.type])
+        if self.device.type in mine:
+            getattr(torch, self.device.type).set_rng_state(mine[self.device.type])
 
-    def log_start(self, resuming):
-        """Log what is trained on what, and start the clocks of the progress lines."""
-        cfg, model = self.cfg, self.model
-        config = model.config
-        self.tokens_per_step = cfg.batch_size * config.block_size * cfg.grad_accum
-        self.flops_per_step = flops_per_token(model) * self.tokens_per_step
-        self.peak, self.probed = cfg.peak_flops or measure_peak_flops(self.device, self.dtype), time.perf_counter()
-        log(f"model: {model.num_parameters():,} parameters, {config.n_layer} layers x {config.n_head} heads x "
-            f"{config.n_embd} wide, context {config.block_size}, {self.tokenizer.kind} tokenizer "
-            f"({config.vocab_size} tokens)" + (", RoPE positions" if config.pos == "rope" else ""))
-        log(f"data: {len(self.train_data):,} training and {len(self.val_data):,} validation tokens from {cfg.data}")
-        processes = f" x {process_count()} processes" if process_count() > 1 else ""
-        log(f"device: {self.device.type}{processes}, {dtype_name(self.dtype)}, {self.tokens_per_step:,} tokens per step, "
-            f"peak {self.peak / 1e9:,.0f} GFLOP/s" + (f"; resuming at step {self.step}" if resuming else ""))
-        # ms/step counts training steps only; the ETA adds the evaluations to come.
-        self.started = time.perf_counter()
-        self.train_seconds, self.timed_steps, self.eval_seconds = 0.0, 0, 0.0
-        self.last_log_time, self.last_log_step = self.started, self.step
+    def compiled_and_wrapped(self, model):
+        """The model as the training steps run it: compiled with --compile, then wrapped by DDP with
+        several processes. Saving and evaluating use the plain model."""
+        model = torch.compile(model) if self.cfg.compile else model
+        if process_count() > 1:
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if
+                                                        self.device.type == "cuda" else None)
+        return model
 
-    def checkpoint(self):
-        """The run's whole state, as section 10 describes it. Every process must call it (it
-        gathers their random states); only rank 0 saves what it returns."""
+    def state(self):
+        """Collective (it gathers every process's random state). The run's whole state, as section 10 describes."""
         rng = {"torch": torch.get_rng_state(), "batches": self.batches.get_state(), "python": random.getstate()}
-        if self.device.type in ("cuda", "mps"):
-            rng[self.device.type] = (torch.cuda if self.device.type == "cuda" else torch.mps).get_rng_state()
-        loss = mean_over_processes(self.loss, process_count())  # the last step's loss, over all processes
+        if self.device.type in ("cuda", "mps"):  # dropout's random state on the GPU
+            rng[self.device.type] = getattr(torch, self.device.type).get_rng_state()
         state = {"format": CHECKPOINT_FORMAT, "model_state": self.model.state_dict(),
                  "config": dataclasses.asdict(self.model.config), "tokenizer": tokenizer_to_dict(self.tokenizer),
-                 "step": self.step, "loss": loss, "best_val_loss": self.best_val,
+                 "step": self.step, "loss": self.mean_loss(self.loss), "best_val_loss": self.best_val,
                  "history": self.history, "optimizer_state": self.optimizer.state_dict(),
                  "train_args": dataclasses.asdict(self.cfg), "rng": rng}
         if self.scaler.is_enabled():
             state["scaler_state"] = self.scaler.state_dict()
         if process_count() > 1:
             state["rng_by_rank"] = [None] * process_count()
-            dist.all_gather_object(state["rng_by_rank"], rng)
+            dist.all_gather_object(state["rng_by_rank"], rng, group=self.control)
         return state
 
     def save(self, path, also=None):
-        state = self.checkpoint()
+        """Collective. Rank 0 writes the run's state to path (and also)."""
+        state = self.state()
         if process_rank() == 0:
             save_checkpoint(state, path, also)
+
+    def mean_loss(self, loss):  # collective: a step's loss averaged over the processes' micro-batches
+        return all_reduced(loss, dist.ReduceOp.SUM).item() / process_count()
 
     def evaluated_at(self, step):  # a resumed run may start where the last one evaluated
         return bool(self.history) and self.history[-1]["step"] == step
 
-    def check_finite(self):
-        none = torch.iinfo(torch.int64).max  # no bad step: the largest number, so that MIN finds the first one
-        bad = int(reduced(torch.where(self.first_bad_step < 0, none, self.first_bad_step), dist.ReduceOp.MIN))
-        if bad != none:  # any process's NaN stops them all
-            last_good = f"{self.history[-1]['val']:.4f} at step {self.history[-1]['step']}" if self.history else "none yet"
-            raise GPTError(f"training diverged: the loss became NaN or infinite at step {bad} (last good val loss "
-                           f"{last_good}); {self.out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
-
-    def evaluate_and_save(self):
-        """estimate_loss (section 5) on both splits; save last.pt, and ckpt.pt too when the val
-        loss is the best so far (then one file under both names)."""
-        cfg = self.cfg
+    def evaluate_and_save(self, evaluate):
+        """Collective. evaluate() -> {"train": loss, "val": loss}; save last.pt, and ckpt.pt too when
+        the val loss is the best so far (one file, two names); draw loss.svg."""
         self.check_finite()
         start = time.perf_counter()
-        losses = {"step": self.step}
-        # Seeds of their own (seed + 1, + 2): the same batches at every evaluation, apart from training's.
-        for split, data, seed in (("train", self.train_data, cfg.seed + 1), ("val", self.val_data, cfg.seed + 2)):
-            losses[split] = estimate_loss(self.compiled, data, cfg, cfg.block_size, self.device, self.autocast_ctx,
-                                          seed, split)  # not through DDP: no process waits for another's batches
+        losses = {"step": self.step, **evaluate()}
         bad = [f"the {split} loss is {losses[split]}" for split in ("train", "val") if not math.isfinite(losses[split])]
         require(not bad, f"training diverged: {' and '.join(bad)} at step {self.step}; {self.out_dir / 'ckpt.pt'} "
                 f"is untouched. Try a lower --lr, or --dtype float32")
         self.history.append(losses)
-        if losses["val"] < self.best_val:
-            self.best_val = losses["val"]
+        best = losses["val"] < self.best_val
+        self.best_val = min(self.best_val, losses["val"])
+        if best:
             self.save(self.out_dir / "ckpt.pt", also=self.out_dir / "last.pt")
-            note = ", best so far: saved ckpt.pt"
         else:
             self.save(self.out_dir / "last.pt")
-            note = ""
         if process_rank() == 0:
-            write_atomically(self.out_dir / "loss.svg", loss_curve_svg(self.history))  # section 14
+            write_atomically(self.out_dir / "loss.svg", lambda f: f.write(loss_curve_svg(self.history).encode()))
         self.eval_seconds = time.perf_counter() - start
-        log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note} "
-            f"({self.eval_seconds:.1f}s)")
-        if self.step < cfg.max_iters:  # training goes on: a fresh peak now and then, and the log's clock restarts
-            if cfg.peak_flops is None and time.perf_counter() - self.probed > 60:
-                self.peak, self.probed = max(self.peak, measure_peak_flops(self.device, self.dtype)), time.perf_counter()
-            self.last_log_time, self.last_log_step = time.perf_counter(), self.step
+        log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            f"{', best so far: saved ckpt.pt' if best else ''} ({self.eval_seconds:.1f}s)")
+        self.last_log_time, self.last_log_step = time.perf_counter(), self.step  # the log times training steps only
+
+    def check_finite(self):
+        """Collective. Stop every process if any has seen a NaN or infinite loss (after_step notes it)."""
+        none = torch.iinfo(torch.int64).max  # no bad step: the largest number, so that MIN finds the first one
+        bad = int(all_reduced(torch.where(self.first_bad_step < 0, none, self.first_bad_step), dist.ReduceOp.MIN))
+        if bad != none:
+            last_good = f"{self.history[-1]['val']:.4f} at step {self.history[-1]['step']}" if self.history else "none yet"
+            raise GPTError(f"training diverged: the loss became NaN or infinite at step {bad} (last good val loss "
+                           f"{last_good}); {self.out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
 
     def after_step(self, loss, lr, stop_requested):
-        """Note a NaN loss on the device (without waiting for a GPU); log the loss, speed, MFU and
-        ETA every LOG_EVERY_SECONDS, after the first and the last step, and on a stop. -> whether to
-        stop now: decided once, here, since a signal can arrive at any moment (and with several
-        processes, all of them must stop after the same step)."""
+        """Collective. Note a NaN loss; log the loss, speed, MFU and ETA every LOG_EVERY_SECONDS, after
+        the first and the last step, and on a stop. -> whether to stop now: decided once, here, as a
+        signal can arrive at any moment, and with several processes all must stop after the same step."""
         cfg, stop = self.cfg, bool(stop_requested)
         self.loss = loss
         if self.plan_at is not None and self.step in (1, self.plan_at):
             self.plan_length()
+        # The first bad step, kept on the device: reading the loss every step would make the CPU
+        # wait for the GPU. check_finite reads it when the run logs or evaluates.
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss), self.step - 1,
                                           self.first_bad_step)  # step - 1: the step that made this loss
-        now = time.perf_counter()
-        due = now - self.last_log_time >= LOG_EVERY_SECONDS and process_rank() == 0  # rank 0's clock decides
+        due = time.perf_counter() - self.last_log_time >= LOG_EVERY_SECONDS and process_rank() == 0  # rank 0's clock
         due = due or self.timed_steps == 0 or self.step == cfg.max_iters
         if process_count() > 1:  # every process logs (its collectives) and stops at the same step
-            agreed = torch.tensor([float(due), float(stop)])
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.control)
+            agreed = all_reduced(torch.tensor([float(due), float(stop)]), dist.ReduceOp.MAX, self.control)
             due, stop = bool(agreed[0]), bool(agreed[1])
         if not (due or stop):
             return False
@@ -2148,61 +1878,59 @@ class TrainingRun:
         self.check_finite()
         self.train_seconds += now - self.last_log_time
         self.timed_steps += self.step - self.last_log_step
-        dt = (now - self.last_log_time) / (self.step - self.last_log_step)
+        dt = (now - self.last_log_time) / max(1, self.step - self.last_log_step)
         flops = self.flops_per_step / dt / process_count()  # per process, against one device's peak
         self.peak = max(self.peak, flops)  # a peak the model beat was too low: MFU <= 100%
         evals_left = (cfg.max_iters - 1) // cfg.eval_interval - self.step // cfg.eval_interval + 1
         eta = (cfg.max_iters - self.step) * self.train_seconds / self.timed_steps + evals_left * self.eval_seconds
-        loss = mean_over_processes(loss, process_count())  # the mean of every process's micro-batches
-        log(f"step {self.step}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/step | "
-            f"{self.tokens_per_step / dt:,.0f} tok/s | MFU {flops / self.peak:.0%} | ETA {duration(eta)}")
+        log(f"step {self.step}/{cfg.max_iters} | loss {self.mean_loss(loss):.4f} | lr {lr:.2e} | {dt * 1000:.0f} "
+            f"ms/step | {self.tokens_per_step / dt:,.0f} tok/s | MFU {flops / self.peak:.0%} | ETA {duration(eta)}")
         self.last_log_time, self.last_log_step = now, self.step
         return stop
 
     def plan_length(self):
-        """--max-minutes: at step 1, start a clock; at step plan_at, set cfg.max_iters (the loop and
-        the learning-rate schedule read it) to fill the minutes left with steps at the speed of the
-        steps since, and evaluations as long as the one at step 0. The same count on every process."""
+        """Collective. --max-minutes: at step 1, start a clock; at step plan_at, set cfg.max_iters (the
+        loop and the learning-rate schedule read it) to fill the minutes left with steps at the speed
+        of the steps since, and evaluations as long as the one at step 0. Rank 0's count for all."""
         cfg = self.cfg
         synchronize(self.device)
         if self.step == 1:
             self.plan_clock = time.perf_counter()
             return
         now = time.perf_counter()
-        # The first hundred steps can run faster than the rest: on the 2-core CPU of README.md, once
-        # 49 ms against a steady 56, another time as fast as the rest. The plan allows 5% more.
+        # The first hundred steps can run faster than the rest (docs/speed.md): the plan allows 5% more.
         step_seconds = 1.05 * (now - self.plan_clock) / (self.step - 1)
         left = cfg.max_minutes * 60 - (now - self.started) - self.eval_seconds  # the last evaluation included
         steps = self.step + max(0, int(left / (step_seconds + self.eval_seconds / cfg.eval_interval)))
-        steps = int(reduced(torch.tensor(float(steps) if process_rank() == 0 else 0.0), dist.ReduceOp.MAX))
+        steps = int(all_reduced(torch.tensor(float(steps) if process_rank() == 0 else 0.0), dist.ReduceOp.MAX))
         cfg.max_iters, self.plan_at = steps, None
         log(f"--max-minutes {cfg.max_minutes:g}: {steps:,} steps fit ({step_seconds * 1000:,.0f} ms a step, "
             f"{self.eval_seconds:.1f} s an evaluation); training as with --max-iters {steps}")
 
     def stop(self):
+        """Collective: save last.pt, leave the process group."""
         self.save(self.out_dir / "last.pt")
-        if dist.is_initialized():
-            dist.destroy_process_group()
         log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. Continue with: "
             f"python gpt.py train --resume --out-dir {self.out_dir}")
-        return {"step": self.step, "best_val_loss": self.best_val, "history": self.history, "interrupted": True}
+        return self.finish(interrupted=True)
 
-    def finish(self):
+    def finish(self, interrupted=False):  # leave the process group; -> train()'s result
         if dist.is_initialized():
             dist.destroy_process_group()
-        log(f"done: {self.step} steps in {duration(time.perf_counter() - self.started)}; best val loss "
-            f"{self.best_val:.4f}, saved in {self.out_dir / 'ckpt.pt'}; sample with: python gpt.py sample "
-            f"--out-dir {self.out_dir}")
-        return {"step": self.step, "best_val_loss": self.best_val, "history": self.history, "interrupted": False}
+        if not interrupted:
+            log(f"done: {self.step} steps in {duration(time.perf_counter() - self.started)}; best val loss "
+                f"{self.best_val:.4f}, saved in {self.out_dir / 'ckpt.pt'}; sample with: python gpt.py sample "
+                f"--out-dir {self.out_dir}")
+        return {"step": self.step, "best_val_loss": self.best_val, "history": self.history, "interrupted": interrupted}
 
 
 # ---- 13. Sampling runs -----------------------------------------------------------------------
 #
-# `python gpt.py sample` loads a checkpoint (or GPT-2's weights), streams the text to stdout
-# as it is drawn, and reports tokens/s on stderr. The random draw (sample_next_token, section
-# 6) runs on the CPU in float32, whatever the device: torch.multinomial on Apple's MPS has
-# returned out-of-range and zero-probability ids (pytorch issues 92752, 98612, 192577; nanoGPT
-# issue 458), and every drawn id is checked before anyone decodes it.
+# `python gpt.py sample` loads a checkpoint (or GPT-2's weights), streams the text to stdout as
+# it is drawn, and reports tokens/s on stderr. The draw (sample_next_token, section 6) runs on
+# the CPU in float32 on every device, and every drawn id is checked before it is decoded:
+# torch.multinomial on MPS has returned out-of-range and zero-probability ids (pytorch issues
+# 92752, 98612, 192577; nanoGPT issue 458).
 
 def check_sampling_settings(temperature, top_k, top_p, prefix="", prompt=None):
     """prefix: "--" when the values came from command-line flags; prompt: generate's idx, if given."""
@@ -2234,18 +1962,16 @@ def trained_model(out_dir, init_from):
     return model_from_checkpoint(load_checkpoint(path), path)
 
 
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
-    """generate_stream (section 6), collected: idx (B, T) -> (B, T + max_new_tokens), the prompt and the new tokens."""
-    new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator))
-    return torch.cat([idx, *(token.to(idx.device) for token in new)], dim=1)
+@dataclass
+class TrainedModel:  # the flags that choose a model and where it runs: sample's and inspect's
+    out_dir: str = option("out", "folder whose ckpt.pt to use (inspect writes attention.svg there too)")
+    init_from: str = option(None, "GPT-2's weights instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local "
+                            "folder or .safetensors file", default_text="the checkpoint in --out-dir")
+    device: str = option("auto", "where to run; auto picks cuda, then mps, then cpu", choices=DEVICES)
 
 
 @dataclass
-class SampleConfig:
-    out_dir: str = option("out", "folder whose ckpt.pt to sample from")
-    init_from: str = option(None, "sample from GPT-2's weights instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
-                            "or a local folder or .safetensors file", default_text="the checkpoint in --out-dir")
-    device: str = option("auto", "where to run; auto picks cuda, then mps, then cpu", choices=DEVICES)
+class SampleConfig(TrainedModel):
     dtype: str = option("auto", "number format of the weights while sampling", choices=("auto", *DTYPES))
     prompt: str = option("", "text to continue; empty starts a new text")
     max_new_tokens: int = option(500, "how many tokens to write")
@@ -2259,7 +1985,7 @@ class SampleConfig:
 
     def __post_init__(self):
         require(self.max_new_tokens >= 0, f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}")
-        require(self.num_samples >= 1, f"--num-samples must be 1 or more, got {self.num_samples}")
+        positive(self, "num_samples")
         check_sampling_settings(self.temperature, self.top_k, self.top_p, prefix="--")
 
 
@@ -2284,9 +2010,7 @@ def sample(cfg, out=None):
             out.write(decoder.decode(tokenizer.token_bytes(int(token))))
             out.flush()
             count += 1
-        out.write(decoder.decode(b"", final=True) + "\n")
-        if i + 1 < cfg.num_samples:
-            out.write("-" * 40 + "\n")
+        out.write(decoder.decode(b"", final=True) + "\n" + ("-" * 40 + "\n" if i + 1 < cfg.num_samples else ""))
         out.flush()
     seconds = time.perf_counter() - start
     log(f"{count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):,.1f} tokens/s "
@@ -2296,30 +2020,15 @@ def sample(cfg, out=None):
 
 # ---- 14. Pictures ----------------------------------------------------------------------------
 #
-# Two pictures, as SVG: plain text that every browser shows, drawn here without a plotting
-# library. `train` writes loss.svg into its out-dir at every evaluation: the train and val
-# loss against the step, with the best val loss marked (a resumed run draws its whole
-# history). `python gpt.py inspect` runs a model once over a prompt, prints the most likely
-# next tokens, and writes attention.svg: for every layer (rows) and head (columns), how much
-# each token (a row of the heatmap) attends to each earlier token (a column). Those weights
-# are the model's own: the softmax inside causal_attention_written_out (section 4), recorded
-# as the model computes them.
+# Two pictures, as SVG: plain text that every browser shows, drawn without a plotting library.
+# `train` writes loss.svg at every evaluation: both losses against the step, the best val loss
+# marked (a resumed run draws its whole history). `python gpt.py inspect` runs a model once over
+# a prompt, prints the likeliest next tokens, and writes attention.svg: for every layer (rows)
+# and head (columns), how much each token (a row of the heatmap) attends to each earlier one (a
+# column): the softmax inside causal_attention_written_out (section 4), recorded as it runs.
 
 SVG_FONT = 'font-family="sans-serif" font-size="11"'
 SVG_TITLE = 'font-family="sans-serif" font-size="13"'
-
-
-def write_atomically(path, text):
-    """Write text to path through a temporary file and a rename: never half a file (like section 10)."""
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # left by a write that was killed halfway
-        leftover.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise GPTError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def svg(width, height, body):
@@ -2401,7 +2110,7 @@ def attention_svg(weights, labels):
     T, nh, cell, gap = len(labels), weights[0].size(0), 12, 24
     margin = 14 + 7 * max(len(label) for label in labels)  # room for the token labels
     size = T * cell
-    width, height = margin + len(weights[0]) * (size + gap), 30 + margin + len(weights) * (size + gap)
+    width, height = margin + nh * (size + gap), 30 + margin + len(weights) * (size + gap)
     body = [f'<text x="8" y="18" {SVG_TITLE}>attention weights: a row is a token (query), its '
             f'cells the tokens it looks at (keys); darker = more</text>']
     for layer, layer_weights in enumerate(weights):
@@ -2445,51 +2154,43 @@ def recording_softmax():
 
 
 @dataclass
-class InspectConfig:
-    out_dir: str = option("out", "folder whose ckpt.pt to inspect; attention.svg is written there")
-    init_from: str = option(None, "inspect GPT-2's weights instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a "
-                            "local folder or .safetensors file", default_text="the checkpoint in --out-dir")
+class InspectConfig(TrainedModel):
     prompt: str = option("ROMEO:\nBut, soft! what light through yonder window breaks?", "text to run the model on")
     max_tokens: int = option(24, "draw the attention of the prompt's last this many tokens (more is unreadable)")
     top: int = option(10, "how many of the most likely next tokens to print")
     svg: str = option(None, "where to write the attention picture", default_text="attention.svg in --out-dir")
 
     def __post_init__(self):
-        for name in ("max_tokens", "top"):
-            require(getattr(self, name) > 0, f"--{flag(name)} must be a positive whole number, got {getattr(self, name)}")
+        positive(self, "max_tokens", "top")
 
 
 @torch.no_grad()
 def inspect(cfg, out=None):
-    """Print the most likely next tokens after cfg.prompt; draw the attention over its last
-    tokens. -> (the top probabilities as (token id, probability) pairs, every layer's weights over
-    the whole prompt, (nh, T, T) each). The model reads the whole prompt (its last block_size
-    tokens); a longer prompt than max_tokens is drawn cut to its last ones, their rows then
-    showing only the part of each token's attention that falls on the tokens drawn."""
+    """Print the likeliest next tokens after cfg.prompt (its last block_size tokens), and draw the
+    attention among its last max_tokens (each row then shows only the attention that falls on the
+    tokens drawn). -> ([(token id, probability)], every layer's weights (nh, T, T))."""
     out = out or sys.stdout
+    device = pick_device(cfg.device)
     model, tokenizer = trained_model(cfg.out_dir, cfg.init_from)
     ids = (tokenizer.encode(cfg.prompt) or [tokenizer.start_token])[-model.config.block_size:]
     shown = ids[-cfg.max_tokens:]
     if len(shown) < len(ids):
         log(f"the model read {len(ids)} tokens; the picture shows the attention among the last {len(shown)}")
-    model.eval()
-    for module in model.modules():  # the written-out attention: its softmax is what is drawn
-        if isinstance(module, CausalSelfAttention):
-            module.attention = "written out"
-    with recording_softmax() as softmaxes:
-        logits, _ = model(torch.tensor([ids]))  # (1, T, V), in float32 on the CPU
-    weights = [w[0] for w in softmaxes]  # per layer: (1, nh, T, T) -> (nh, T, T)
-    probs = F.softmax(logits[0, -1].double(), dim=-1)  # (V,): the next token after the prompt
+    path = Path(cfg.svg) if cfg.svg else Path(cfg.out_dir) / "attention.svg"
+    check_writable(path.parent, "--svg" if cfg.svg else "--out-dir")
+    with attention_forced("written out"), recording_softmax() as softmaxes:  # its softmax is what is drawn
+        logits, _ = model.to(device).eval()(torch.tensor([ids], device=device))  # (1, T, V)
+    weights = [w[0].cpu() for w in softmaxes]  # per layer: (1, nh, T, T) -> (nh, T, T)
+    probs = F.softmax(logits[0, -1].double().cpu(), dim=-1)  # (V,): the next token after the prompt
     top = torch.topk(probs, min(cfg.top, probs.numel()))
     out.write(f"most likely next tokens after {cfg.prompt[-40:]!r}:\n")
     for p, i in zip(top.values.tolist(), top.indices.tolist()):
         token = tokenizer.token_bytes(i).decode("utf-8", errors="replace")
         out.write(f"  {token!r:>12} {p:7.2%} {'#' * round(p * 50)}\n")
-    path = Path(cfg.svg) if cfg.svg else Path(cfg.out_dir) / "attention.svg"
     labels = [visible(tokenizer.token_bytes(i).decode("utf-8", errors="replace")) for i in shown]
-    check_writable(path.parent)
     n = len(shown)
-    write_atomically(path, attention_svg([w[:, -n:, -n:] for w in weights], labels))  # (nh, n, n) each
+    picture = attention_svg([w[:, -n:, -n:] for w in weights], labels)  # (nh, n, n) each
+    write_atomically(path, lambda f: f.write(picture.encode()))
     log(f"wrote {path}: {len(weights)} layers x {weights[0].size(0)} heads over {len(shown)} tokens")
     out.flush()
     return list(zip(top.indices.tolist(), top.values.tolist())), weights
@@ -2497,16 +2198,14 @@ def inspect(cfg, out=None):
 
 # ---- 15. Benchmark ---------------------------------------------------------------------------
 #
-# `python gpt.py bench` times the default model on this machine: training steps in float32
-# and in the --dtype auto format (alternating, so both see the same machine), and sampling
-# with and without the KV cache. Results go to stdout as a table; progress to stderr.
-#
-# `python gpt.py bench --contexts 256,512,1024,2048,4096` times instead one training step of
-# the default model's width at each context, with the written-out and with the fused
-# attention, and the peak memory of each. Attention's work grows with T^2: every token looks
-# at every earlier one. The written-out version also holds the (B, nh, T, T) weights for the
-# backward pass, so its memory grows with T^2 too; the fused kernel keeps only what grows with
-# T. A variant that runs out of memory is reported as such, and not tried at longer contexts.
+# `python gpt.py bench` times the default model at train's default dropout on this machine:
+# training steps in float32 and in the --dtype auto format, and sampling with and without the
+# KV cache, each variant once per round, in turn, so that all see the same machine; medians.
+# `bench --contexts 256,512,...` times instead a training step of the default model's width at
+# each context, with both attentions, and the memory each adds. Attention's work grows with
+# T^2, and so does the written-out version's memory, which holds the (B, nh, T, T) weights for
+# the backward pass; the fused kernel's grows with T. A variant out of memory is not tried at
+# longer contexts.
 
 @dataclass
 class BenchConfig:
@@ -2520,39 +2219,88 @@ class BenchConfig:
     context_steps: int = option(3, "timed steps per context and attention in the --contexts bench")
 
     def __post_init__(self):
-        for name in ("steps", "rounds", "sample_tokens", "context_batch", "context_steps"):
-            require(getattr(self, name) > 0, f"--{flag(name)} must be a positive whole number, got {getattr(self, name)}")
-        if self.contexts is not None:
-            try:
-                values = [int(value) for value in self.contexts.split(",")]
-            except ValueError:
-                values = []
-            require(values and all(value > 0 for value in values), f"--contexts {self.contexts!r}: expected positive "
-                    f"whole numbers separated by commas, like 256,512,1024")
+        positive(self, "steps", "rounds", "sample_tokens", "context_batch", "context_steps")
+        values = re.fullmatch(r"\d+(,\d+)*", self.contexts or "0") and [int(v) for v in (self.contexts or "0").split(",")]
+        require(self.contexts is None or (values and min(values) > 0), f"--contexts {self.contexts!r}: expected "
+                f"positive whole numbers separated by commas, like 256,512,1024")
 
 
-def median(values):
-    return sorted(values)[len(values) // 2]
+def training_steps(config, device, dtype, batch_size):
+    """-> (a new model of config on device, a function taking one training step of it on random
+    tokens in dtype: train_step, section 5, as `train` would)."""
+    torch.manual_seed(0)
+    model, train_cfg = GPT(config).to(device), TrainConfig()
+    optimizer, scaler = make_optimizer(model, train_cfg), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    data, batches = torch.randint(config.vocab_size, (100_000,)), torch.Generator().manual_seed(0)
+
+    def next_batch():
+        x, y = get_batch(data, config.block_size, batch_size, batches)
+        return to_device(x, device), to_device(y, device)
+    return model, lambda: train_step(model, optimizer, scaler, next_batch, 1, autocast(device, dtype), train_cfg.grad_clip)
 
 
 def bench(cfg, out=None):
     out = out or sys.stdout
     if cfg.contexts is not None:
         return bench_contexts(cfg, out)
-    device = pick_device(cfg.device)
-    dtypes = list(dict.fromkeys([torch.float32, pick_dtype("auto", device)]))  # float32 first; once if auto is float32
-    config, train_cfg = GPTConfig(), TrainConfig()
-    torch.manual_seed(0)
-    model = GPT(config).to(device)
-    peaks = {dtype: measure_peak_flops(device, dtype) for dtype in dtypes}
-    threads = f", {torch.get_num_threads()} threads, native bfloat16: {'yes' if cpu_has_native_bfloat16() else 'no'}"
-    out.write(f"torch {torch.__version__} on {device.type}{threads if device.type == 'cpu' else ''}\n")
-    out.write(f"model: the default GPTConfig, {model.num_parameters():,} parameters, batch {train_cfg.batch_size}, "
-              f"context {config.block_size}\n")
-    out.write("matmul peak: " + ", ".join(f"{dtype_name(d)} {p / 1e9:,.0f} GFLOP/s" for d, p in peaks.items()) + "\n\n")
-    bench_training(model, train_cfg, device, peaks, cfg, out)
-    bench_sampling(model, device, dtypes, cfg, out)
+    device, batch = pick_device(cfg.device), TrainConfig.batch_size
+    dtypes = list(dict.fromkeys([torch.float32, pick_dtype("auto", device)]))  # float32, and auto's if it is another
+    auto, config = dtypes[-1], GPTConfig(dropout=TrainConfig.dropout)
+    steps = {dtype: training_steps(config, device, dtype, batch) for dtype in dtypes}
+    model, peaks = steps[torch.float32][0], {dtype: measure_peak_flops(device, dtype) for dtype in dtypes}
+    out.write(f"torch {torch.__version__} on {device.type}" + (f", {torch.get_num_threads()} threads, native bfloat16: "
+              f"{'yes' if cpu_has_native_bfloat16() else 'no'}" if device.type == "cpu" else "") + "\n")
+    out.write(f"model: the default GPTConfig, {model.num_parameters():,} parameters, batch {batch}, context "
+              f"{config.block_size}, dropout {config.dropout}; matmul peak: "
+              + ", ".join(f"{dtype_name(d)} {p / 1e9:,.0f} GFLOP/s" for d, p in peaks.items()) + "\n\n")
+    seconds = {dtype: [] for dtype in dtypes}
+    for round_ in range(cfg.rounds):
+        for dtype in dtypes:
+            seconds[dtype].append(timed(steps[dtype][1], cfg.steps, device))
+        log(f"training round {round_ + 1}/{cfg.rounds}: " + ", ".join(f"{dtype_name(d)} {s[-1] * 1000:.0f} ms/step"
+                                                                       for d, s in seconds.items()))
+    tokens, flops = batch * config.block_size, flops_per_token(model) * batch * config.block_size
+    out.write(f"training ({cfg.rounds} alternating rounds of {cfg.steps} steps, medians)\n| number format | ms/step | "
+              f"tokens/s | MFU vs its own peak | MFU vs the {dtype_name(auto)} peak |\n|---|---|---|---|---|\n")
+    for dtype, s in seconds.items():
+        s = statistics.median(s)
+        out.write(f"| {dtype_name(dtype)}{' (auto)' if dtype == auto else ''} | {s * 1000:.0f} | {tokens / s:,.0f} | "
+                  f"{mfu(flops / s, peaks[dtype]):.0%} | {mfu(flops / s, peaks[auto]):.0%} |\n")
+    if auto != torch.float32:
+        ratio = statistics.median(a / b for a, b in zip(seconds[torch.float32], seconds[auto]))
+        out.write(f"speed-up of {dtype_name(auto)} over float32: {ratio:.2f}x (median of the rounds' ratios)\n")
+    bench_sampling(model.eval(), device, dtypes, cfg, out)
     out.flush()
+
+
+def bench_sampling(model, device, dtypes, cfg, out):
+    """Sampling: every variant once per round, in turn. The short run is the longest one from a
+    one-token prompt that never refills the cache (block_size - 1 new tokens)."""
+    auto, short, n = dtypes[-1], model.config.block_size - 1, cfg.sample_tokens
+    runs = ((short, True), (n, True), (n, False))  # (new tokens, KV cache)
+    speed = {(dtype, tokens, kv_cache): [] for dtype in dtypes for tokens, kv_cache in runs}
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    for round_ in range(cfg.rounds):
+        for dtype, tokens, kv_cache in speed:
+            model.to(dtype)
+            generate(model, prompt, 8, kv_cache=kv_cache)  # warm-up
+            seconds = timed(lambda: generate(model, prompt, tokens, kv_cache=kv_cache,
+                                             generator=torch.Generator().manual_seed(0)), 1, device, warmup=0)
+            speed[dtype, tokens, kv_cache].append(tokens / seconds)
+        log(f"sampling round {round_ + 1}/{cfg.rounds}: " + ", ".join(
+            f"{dtype_name(d)} {t}{'' if kv else ' uncached'} {s[-1]:,.0f}" for (d, t, kv), s in speed.items()) +
+            " tokens/s")
+    out.write(f"\nsampling one sequence from a one-token prompt, tokens/s ({cfg.rounds} rounds, medians; "
+              f"`sample` uses {dtype_name(auto)} weights)\n| weights | KV cache, {short} tokens | KV cache, {n} tokens "
+              f"| no cache, {n} tokens |\n|---|---|---|---|\n")
+    for dtype in dtypes:
+        out.write(f"| {dtype_name(dtype)} | " + " | ".join(f"{statistics.median(speed[dtype, t, kv]):,.0f}"
+                                                           for t, kv in runs) + " |\n")
+    # Each round's KV-cache speed over that round's fastest recomputation: a ratio of runs made
+    # seconds apart, so a machine that speeds up or slows down between rounds does not skew it.
+    ratios = [speed[auto, n, True][r] / max(speed[dtype, n, False][r] for dtype in dtypes) for r in range(cfg.rounds)]
+    out.write(f"KV cache ({dtype_name(auto)}) over the fastest recomputation, at {n} tokens: "
+              f"{statistics.median(ratios):.1f}x (median of the rounds' ratios; lowest {min(ratios):.1f}x)\n")
 
 
 @contextlib.contextmanager
@@ -2561,16 +2309,14 @@ def memory_bounded(device):
     still available, so that a step too big for the machine fails with an error rather than
     making the system kill the process (or swap for minutes). Elsewhere nothing to do: CUDA
     reports its own out-of-memory error."""
-    if device.type != "cpu" or not Path("/proc/meminfo").exists():
+    meminfo, status = Path("/proc/meminfo"), Path("/proc/self/status")
+    available = re.search(r"MemAvailable:\s+(\d+)", meminfo.read_text()) if meminfo.exists() else None
+    in_use = re.search(r"VmSize:\s+(\d+)", status.read_text()) if status.exists() else None
+    if device.type != "cpu" or available is None or in_use is None:
         yield
         return
     import resource  # Unix only
-    available = re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text())
-    in_use = re.search(r"VmSize:\s+(\d+)", Path("/proc/self/status").read_text())
     before = resource.getrlimit(resource.RLIMIT_AS)
-    if available is None or in_use is None:  # an old kernel: leave the limits as they are
-        yield
-        return
     cap = (int(in_use.group(1)) + int(0.8 * int(available.group(1)))) * 1024
     cap = min([cap] + [limit for limit in before if limit != resource.RLIM_INFINITY])  # never loosen a limit
     resource.setrlimit(resource.RLIMIT_AS, (cap, before[1]))
@@ -2593,7 +2339,8 @@ def memory_high_water(device, reset=False):
         return None
     try:
         if reset:
-            ctypes.CDLL(None).malloc_trim(0)  # memory freed but kept by malloc goes back: resident = in use
+            import ctypes  # glibc's malloc_trim: memory freed but kept by malloc goes back, so resident = in use
+            ctypes.CDLL(None).malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak to the current resident size
         return int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) * 1024
     except (OSError, AttributeError):  # no glibc, or a kernel that will not reset the peak: not measured
@@ -2603,42 +2350,19 @@ def memory_high_water(device, reset=False):
 def time_context(T, attention, device, dtype, cfg):
     """Training steps of the default model's width at context T with the given attention ->
     (seconds per step, peak bytes it added to what was in use before), or None when out of memory."""
-    model = optimizer = None
     gc.collect()
     before = memory_high_water(device, reset=True)
     try:
-        torch.manual_seed(0)
-        model = GPT(dataclasses.replace(GPTConfig(), block_size=T)).to(device)
-        for module in model.modules():
-            if isinstance(module, CausalSelfAttention):
-                module.attention = attention
-        optimizer, train_cfg = make_optimizer(model, TrainConfig()), TrainConfig()
-        data = torch.randint(model.config.vocab_size, (cfg.context_batch * (T + 1) * 4,))
-        batches = torch.Generator().manual_seed(0)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-        def next_batch():
-            x, y = get_batch(data, T, cfg.context_batch, batches)
-            return to_device(x, device), to_device(y, device)
-
-        def step():
-            return train_step(model, list(model.parameters()), optimizer, scaler, next_batch, 1,
-                              autocast(device, dtype), train_cfg.grad_clip)
-
-        float(step())  # warm-up
-        start = time.perf_counter()
-        for _ in range(cfg.context_steps):
-            loss = step()
-        float(loss)  # waits for a GPU
-        seconds = (time.perf_counter() - start) / cfg.context_steps
+        with attention_forced(attention):
+            _, step = training_steps(dataclasses.replace(GPTConfig(), block_size=T), device, dtype, cfg.context_batch)
+            seconds = timed(step, cfg.context_steps, device)
         peak = memory_high_water(device)
         return seconds, None if peak is None or before is None else peak - before
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if "memory" not in str(e).lower():
             raise
         return None
-    finally:
-        model = optimizer = None  # nothing of this context is kept for the next
+    finally:  # nothing of this context is kept for the next
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -2678,84 +2402,10 @@ def bench_contexts(cfg, out):
             out.flush()
 
 
-def bench_training(model, train_cfg, device, peaks, cfg, out):
-    """Training steps, float32 and the auto format in turn, so that both see the same machine."""
-    config, dtypes = model.config, list(peaks)
-    auto = dtypes[-1]
-    optimizer = make_optimizer(model, train_cfg)
-    params = list(model.parameters())
-    data = torch.randint(config.vocab_size, (100_000,), generator=torch.Generator().manual_seed(0))
-    batches = torch.Generator().manual_seed(0)
-
-    def next_batch():
-        x, y = get_batch(data, config.block_size, train_cfg.batch_size, batches)
-        return to_device(x, device), to_device(y, device)
-
-    def one_step(dtype):
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        return train_step(model, params, optimizer, scaler, next_batch, 1, autocast(device, dtype), 1.0)
-
-    seconds = {dtype: [] for dtype in dtypes}
-    for round_ in range(cfg.rounds):
-        for dtype in dtypes:
-            one_step(dtype)  # warm-up: allocations, autocast's casts
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(cfg.steps):
-                loss = one_step(dtype)
-            float(loss)  # waits for the GPU
-            seconds[dtype].append((time.perf_counter() - start) / cfg.steps)
-        log(f"training round {round_ + 1}/{cfg.rounds}: " +
-            ", ".join(f"{dtype_name(d)} {s[-1] * 1000:.0f} ms/step" for d, s in seconds.items()))
-    tokens_per_step = train_cfg.batch_size * config.block_size
-    flops_per_step = flops_per_token(model) * tokens_per_step
-    out.write(f"training ({cfg.rounds} alternating rounds of {cfg.steps} steps, medians)\n")
-    out.write(f"| number format | ms/step | tokens/s | MFU vs its own peak | MFU vs the {dtype_name(auto)} peak |\n"
-              f"|---|---|---|---|---|\n")
-    for dtype, s in seconds.items():
-        out.write(f"| {dtype_name(dtype)}{' (auto)' if dtype == auto else ''} | {median(s) * 1000:.0f} | "
-                  f"{tokens_per_step / median(s):,.0f} | {mfu(flops_per_step / median(s), peaks[dtype]):.0%} | "
-                  f"{mfu(flops_per_step / median(s), peaks[auto]):.0%} |\n")
-    if len(dtypes) > 1:
-        ratios = [a / b for a, b in zip(seconds[torch.float32], seconds[auto])]
-        out.write(f"speed-up of {dtype_name(auto)} over float32: {median(ratios):.2f}x (median of the rounds' ratios)\n")
-
-
-def bench_sampling(model, device, dtypes, cfg, out):
-    """Sampling: every variant once per round, in turn. The short run is the longest one from a
-    one-token prompt that never refills the cache (block_size - 1 new tokens)."""
-    auto, short, n = dtypes[-1], model.config.block_size - 1, cfg.sample_tokens
-    runs = ((short, True), (n, True), (n, False))  # (new tokens, KV cache)
-    speed = {(dtype, tokens, kv_cache): [] for dtype in dtypes for tokens, kv_cache in runs}
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-    for round_ in range(cfg.rounds):
-        for dtype, tokens, kv_cache in speed:
-            model.to(dtype)
-            generate(model, prompt, 8, kv_cache=kv_cache)  # warm-up
-            start = time.perf_counter()
-            generate(model, prompt, tokens, kv_cache=kv_cache, generator=torch.Generator().manual_seed(0))
-            speed[dtype, tokens, kv_cache].append(tokens / (time.perf_counter() - start))
-        log(f"sampling round {round_ + 1}/{cfg.rounds}: " + ", ".join(
-            f"{dtype_name(d)} {t}{'' if kv else ' uncached'} {s[-1]:,.0f}" for (d, t, kv), s in speed.items()) +
-            " tokens/s")
-    out.write(f"\nsampling one sequence from a one-token prompt, tokens/s ({cfg.rounds} rounds, medians; "
-              f"`sample` uses {dtype_name(auto)} weights)\n| weights | KV cache, {short} tokens | KV cache, {n} tokens "
-              f"| no cache, {n} tokens |\n|---|---|---|---|\n")
-    for dtype in dtypes:
-        out.write(f"| {dtype_name(dtype)} | " + " | ".join(f"{median(speed[dtype, t, kv]):,.0f}" for t, kv in runs) +
-                  " |\n")
-    # Each round's KV-cache speed over that round's fastest recomputation: a ratio of runs made
-    # seconds apart, so a machine that speeds up or slows down between rounds does not skew it.
-    ratios = [speed[auto, n, True][r] / max(speed[dtype, n, False][r] for dtype in dtypes) for r in range(cfg.rounds)]
-    out.write(f"KV cache ({dtype_name(auto)}) over the fastest recomputation, at {n} tokens: "
-              f"{median(ratios):.1f}x (median of the rounds' ratios; lowest {min(ratios):.1f}x)\n")
-
-
 # ---- 16. Command line ------------------------------------------------------------------------
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """A mistyped flag gets one line, not the whole usage block."""
+    def error(self, message):  # a mistyped flag gets one line, not the whole usage block
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -2767,17 +2417,15 @@ def build_parser():
         ("train", TrainConfig, "train a GPT on a text file (or fine-tune GPT-2 with --init-from)"),
         ("sample", SampleConfig, "write text with a trained model"),
         ("inspect", InspectConfig, "print the likely next tokens after a prompt; draw what the model attends to"),
-        ("prepare", PrepareConfig, "encode a text once into a token file that train --data memory-maps"),
+        ("prepare", PrepareConfig, "encode a text once into a token file that train --data reads"),
         ("bench", BenchConfig, "time training and sampling of the default model on this machine"),
     ):
         command = commands.add_parser(name, help=about, description=about)
         for f in dataclasses.fields(config_class):
             meta = dict(f.metadata)
             text = f"{meta.pop('help')} (default: {meta.pop('default_text', f.default)})".replace("%", "%%")
-            if isinstance(f.default, bool):
-                command.add_argument("--" + flag(f.name), action="store_true", default=argparse.SUPPRESS, help=text)
-            else:
-                command.add_argument("--" + flag(f.name), type=f.type, default=argparse.SUPPRESS, help=text, **meta)
+            kind = {"action": "store_true"} if isinstance(f.default, bool) else {"type": f.type, **meta}
+            command.add_argument(flag(f.name), default=argparse.SUPPRESS, help=text, **kind)
     return parser
 
 
@@ -2792,14 +2440,10 @@ def main(argv=None):
         if args.command == "train":
             cfg, checkpoint = resumed_config(given) if given.get("resume") else (TrainConfig(**given), None)
             return 130 if train(cfg, checkpoint)["interrupted"] else 0
-        if args.command == "sample":
-            sample(SampleConfig(**given))
-        elif args.command == "inspect":
-            inspect(InspectConfig(**given))
-        elif args.command == "prepare":
-            prepare(PrepareConfig(**given))
-        else:
-            bench(BenchConfig(**given))
+        run = {"sample": (sample, SampleConfig), "inspect": (inspect, InspectConfig),
+               "prepare": (prepare, PrepareConfig), "bench": (bench, BenchConfig)}
+        command, config_class = run[args.command]
+        command(config_class(**given))
         return 0
     except GPTError as e:
         log(f"error: {' '.join(str(e).split())}")
