@@ -53,16 +53,17 @@ import tiktoken
 # ---- 1. Config -------------------------------------------------------------------------------
 #
 # Everything that decides the *shape* of a model, and so which checkpoints it can load. The
-# defaults are a small model of about 4.8M parameters. GPT-2 small is GPTConfig(vocab_size=50257,
-# block_size=1024, n_layer=12, n_head=12, n_embd=768). `train`'s flags choose their own shape.
+# defaults are the model `python gpt.py train` trains: 0.8M parameters, which learn Shakespeare's
+# shape in minutes on a laptop's CPU. GPT-2 small is GPTConfig(vocab_size=50257, block_size=1024,
+# n_layer=12, n_head=12, n_embd=768).
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 65    # how many different tokens; train takes it from the tokenizer (50257 for GPT-2's BPE)
-    block_size: int = 256   # the longest context the model can look at (T <= block_size)
-    n_layer: int = 6        # how many transformer blocks are stacked
-    n_head: int = 8         # attention heads per block; each looks at hs = n_embd // n_head channels
-    n_embd: int = 256       # C: the width of every token's vector
+    vocab_size: int = 76    # how many different tokens: the tokenizer's (76 characters in input.txt; GPT-2: 50257)
+    block_size: int = 128   # the longest context the model can look at (T <= block_size)
+    n_layer: int = 4        # how many transformer blocks are stacked
+    n_head: int = 4         # attention heads per block; each looks at hs = n_embd // n_head channels
+    n_embd: int = 128       # C: the width of every token's vector
     dropout: float = 0.0    # probability of zeroing an activation while training (Hugging Face's GPT-2: 0.1)
     bias: bool = True       # GPT-2 has biases in its Linear and LayerNorm layers
     pos: str = "learned"    # positions: "learned" (GPT-2's wpe) or "rope" (rotations of q and k)
@@ -1412,7 +1413,7 @@ def gpt2_weight_files(name_or_path):
 
 
 def read_gpt2_weights(name_or_path):
-    """-> (GPTConfig, state dict with our names), every tensor's name and shape checked."""
+    """-> (GPTConfig, state dict with our names). model_with_weights checks the names and shapes."""
     config_path, weights_path = gpt2_weight_files(name_or_path)
     tensors = {name.removeprefix("transformer."): t for name, t in read_safetensors(weights_path).items()
                if not name.endswith((".attn.bias", ".attn.masked_bias"))}  # GPT-2's causal mask, stored by old files
@@ -1427,23 +1428,11 @@ def read_gpt2_weights(name_or_path):
         config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_embd // 64,
                            n_embd=n_embd)
     head = tensors.pop("lm_head.weight", None)
-    with torch.device("meta"):  # the expected names and shapes, without allocating any memory
-        expected = {name.removeprefix("transformer."): t.shape for name, t in GPT(config).state_dict().items()
-                    if name != "lm_head.weight"}
-    unexpected, missing = sorted(tensors.keys() - expected.keys()), sorted(expected.keys() - tensors.keys())
-    if unexpected or missing:
-        raise GPTError(f"{weights_path}: unexpected tensor {unexpected[0]!r}, not part of GPT-2" if unexpected else
-                       f"{weights_path} lacks {len(missing)} tensor(s) of GPT-2, the first {missing[0]!r}")
-    require(head is None or torch.equal(head, tensors["wte.weight"]), f"{weights_path}: lm_head.weight differs "
-            f"from wte.weight; GPT-2 ties them, and so does gpt.py")
-    state = {}
-    for name, t in tensors.items():
-        conv1d = name.endswith(CONV1D_WEIGHTS)  # stored (in, out): nn.Linear's (out, in) transposed
-        shape = tuple(expected[name])[::-1] if conv1d else tuple(expected[name])
-        require(tuple(t.shape) == shape, f"{weights_path}: {name} has shape {tuple(t.shape)}, expected {shape} "
-                f"for this config")
-        state["transformer." + name] = (t.t() if conv1d else t).float()
-    state["lm_head.weight"] = state["transformer.wte.weight"]  # tied: one tensor under two names
+    require(head is None or torch.equal(head, tensors.get("wte.weight", head)), f"{weights_path}: lm_head.weight "
+            f"differs from wte.weight; GPT-2 ties them, and so does gpt.py")
+    state = {"transformer." + name: (t.t() if name.endswith(CONV1D_WEIGHTS) else t).float()  # Conv1D's (in, out)
+             for name, t in tensors.items()}                                                  # -> Linear's (out, in)
+    state["lm_head.weight"] = state.get("transformer.wte.weight")  # tied: one tensor under two names
     return config, state
 
 
@@ -1472,15 +1461,15 @@ def with_block_size(config, state, block_size, source):
 
 
 def model_with_weights(config, state, source="the checkpoint"):
-    """A GPT of config's shape holding state's weights, built without drawing initial weights."""
-    with torch.device("meta"):  # shapes only
+    """A GPT of config's shape whose weights are state's tensors (their names and shapes checked),
+    built without drawing initial weights, which for GPT-2 XL's 1.5B would take long."""
+    with torch.device("meta"):  # shapes only, no memory
         model = GPT(config)
-    model.to_empty(device="cpu")
-    model.lm_head.weight = model.transformer.wte.weight  # to_empty gave the two names separate tensors
     try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError) as e:
-        raise GPTError(f"{source}: its weights do not fit its config ({str(e).splitlines()[0]})") from None
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:  # the line after the first names the tensor and what is wrong with it
+        raise GPTError(f"{source}: its weights do not fit its config: {str(e).splitlines()[1].strip()}") from None
+    model.lm_head.weight = model.transformer.wte.weight  # one tensor again, as GPT.__init__ ties them
     return model
 
 
@@ -1539,21 +1528,22 @@ class TrainConfig:
                              default_text=f"{GPTConfig.block_size}, or the checkpoint's")
     pos: str = option(None, "positions: learned (GPT-2's wpe) or rope (rotary)", choices=("learned", "rope"),
                       default_text="learned, or the checkpoint's")
-    dropout: float = option(0.1, "dropout probability while training (0.1 keeps the default model from overfitting)")
-    batch_size: int = option(16, "sequences per micro-batch (B)")
+    dropout: float = option(0.0, "dropout probability while training (a run of minutes needs none; longer ones "
+                            "on 1 MB of text do: docs/results.md)")
+    batch_size: int = option(32, "sequences per micro-batch (B)")
     grad_accum: int = option(1, "micro-batches per optimizer step (the gradient is their mean)")
-    max_iters: int = option(5000, "optimizer steps to train for (5k steps: a usable model)")
+    max_iters: int = option(3000, "optimizer steps to train for")
     max_minutes: float = option(None, "instead of --max-iters: time the first steps, then set --max-iters (and the "
                                 "schedule) to fill about this many minutes; the count is saved", default_text="--max-iters")
-    lr: float = option(1e-3, "peak learning rate, reached after the warm-up")
-    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay (Chinchilla: lr / 10)")
+    lr: float = option(4e-3, "peak learning rate, reached after the warm-up (high: a small model, few steps)")
+    min_lr: float = option(3e-5, "learning rate at the end of the cosine decay")
     warmup_iters: int = option(100, "steps of linear warm-up to --lr")
     lr_decay_iters: int = option(None, "step at which the cosine decay reaches --min-lr", default_text="--max-iters")
-    weight_decay: float = option(0.1, "AdamW weight decay, applied to weight matrices only (GPT-3: 0.1)")
+    weight_decay: float = option(0.7, "AdamW weight decay, on weight matrices only (GPT-3: 0.1; 0.7 was best here)")
     beta2: float = option(0.99, "AdamW beta2; 0.99 suits small batches (GPT-3 used 0.95 at 0.5M tokens a step)")
     grad_clip: float = option(1.0, "clip the gradient's global norm to this (GPT-3: 1.0)")
     eval_interval: int = option(500, "evaluate (and save) every this many steps")
-    eval_iters: int = option(40, "batches averaged for each evaluation of the train and val loss")
+    eval_iters: int = option(20, "batches averaged for each evaluation of the train and val loss")
     peak_flops: float = option(None, "peak FLOP/s for the MFU figure",
                                default_text="a matmul probe on CPU, the card's published peak on CUDA")
 
@@ -1626,6 +1616,8 @@ def model_source(cfg, text, resume, data_tokenizer):
                     f"has {name} {has[name]}")
     require(tokenizer.vocab_size == config.vocab_size, f"{source}: the model has {config.vocab_size} tokens, but "
             f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size}")
+    if weights is not None:  # their names and shapes checked now, before anything is written (no memory taken)
+        model_with_weights(config, weights, source)
     if data_tokenizer is not None and tokenizer_to_dict(data_tokenizer) != tokenizer_to_dict(tokenizer):
         describe = [f"char, {t.vocab_size} characters" if t.kind == "char" else "GPT-2's BPE" for t in (data_tokenizer, tokenizer)]
         raise GPTError(f"--data {cfg.data} was prepared with another tokenizer ({describe[0]}) than {source}'s "
@@ -1751,8 +1743,7 @@ class TrainingRun:
         if self.resume is not None:
             self.restore(self.resume)
         cfg, c = self.cfg, model.config
-        self.loss = torch.tensor(self.resume["loss"] if self.resume is not None else float("nan"))  # the last step's
-        self.first_bad_step = torch.full((), -1, device=self.device)  # see after_step
+        self.loss = torch.tensor(self.resume["loss"]) if self.resume is not None else None  # the last step's
         self.tokens_per_step = cfg.batch_size * c.block_size * cfg.grad_accum
         self.flops_per_step = flops_per_token(model) * self.tokens_per_step
         # The MFU's peak, probed once, by the process that logs.
@@ -1802,7 +1793,8 @@ class TrainingRun:
             rng[self.device.type] = getattr(torch, self.device.type).get_rng_state()
         state = {"format": CHECKPOINT_FORMAT, "model_state": self.model.state_dict(),
                  "config": dataclasses.asdict(self.model.config), "tokenizer": tokenizer_to_dict(self.tokenizer),
-                 "step": self.step, "loss": self.mean_loss(self.loss), "best_val_loss": self.best_val,
+                 "step": self.step, "loss": float("nan") if self.loss is None else self.mean_loss(self.loss),
+                 "best_val_loss": self.best_val,
                  "history": self.history, "optimizer_state": self.optimizer.state_dict(),
                  "train_args": dataclasses.asdict(self.cfg), "rng": rng}
         if self.scaler.is_enabled():
@@ -1848,12 +1840,11 @@ class TrainingRun:
         self.last_log_time, self.last_log_step = time.perf_counter(), self.step  # the log times training steps only
 
     def check_finite(self):
-        """Collective. Stop every process if any has seen a NaN or infinite loss (after_step notes it)."""
-        none = torch.iinfo(torch.int64).max  # no bad step: the largest number, so that MIN finds the first one
-        bad = int(all_reduced(torch.where(self.first_bad_step < 0, none, self.first_bad_step), dist.ReduceOp.MIN))
-        if bad != none:
+        """Collective: stop every process if the last step's loss is NaN or infinite on any. (A loss
+        that has gone so stays so: the step's gradients spread it into the weights.)"""
+        if self.loss is not None and all_reduced(torch.isfinite(self.loss).logical_not().float(), dist.ReduceOp.MAX):
             last_good = f"{self.history[-1]['val']:.4f} at step {self.history[-1]['step']}" if self.history else "none yet"
-            raise GPTError(f"training diverged: the loss became NaN or infinite at step {bad} (last good val loss "
+            raise GPTError(f"training diverged: the loss was NaN or infinite by step {self.step} (last good val loss "
                            f"{last_good}); {self.out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")
 
     def after_step(self, loss, lr, stop_requested):
@@ -1864,10 +1855,6 @@ class TrainingRun:
         self.loss = loss
         if self.plan_at is not None and self.step in (1, self.plan_at):
             self.plan_length()
-        # The first bad step, kept on the device: reading the loss every step would make the CPU
-        # wait for the GPU. check_finite reads it when the run logs or evaluates.
-        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss), self.step - 1,
-                                          self.first_bad_step)  # step - 1: the step that made this loss
         due = time.perf_counter() - self.last_log_time >= LOG_EVERY_SECONDS and process_rank() == 0  # rank 0's clock
         due = due or self.timed_steps == 0 or self.step == cfg.max_iters
         if process_count() > 1:  # every process logs (its collectives) and stops at the same step
