@@ -23,9 +23,8 @@ text to logits, to a gradient step, to a sampled next token.
     5. Training         learning-rate schedule, AdamW, one training step, evaluation, the run
     6. Sampling         temperature, top-k, top-p; recomputing the context; the KV cache
 
-Part II (sections 7 to 16, listed where it begins) makes it fast, safe and usable; read it
-when you want to know how. Part I calls into it by names that say what happens there, with
-the section number. Within each part nothing is used before it is defined, but for the KV
+Part II (sections 7 to 16) makes it fast, safe and usable; Part I calls into it by names that
+say what happens there, with the section. Nothing is used before it is defined, but for the KV
 cache: the model (section 4) takes one, and sampling (section 6) explains it.
 
 Shapes are written in comments with these letters:
@@ -92,7 +91,7 @@ class CharTokenizer:
     def __init__(self, chars):
         self.chars = "".join(chars)
         self.index = {ch: i for i, ch in enumerate(self.chars)}
-        require(len(self.index) == len(self.chars) and self.chars,  # require: else one clear error (Part II)
+        require(len(self.index) == len(self.chars) and self.chars,  # else one clear error (start of Part II)
                 "a character vocabulary needs distinct characters, at least one")
         self.vocab_size = len(self.chars)
         # An empty prompt starts from a new line, where a speech begins in a play.
@@ -144,7 +143,7 @@ class BPETokenizer:
 
 def split_data(data, block_size):
     """Token ids (N,) -> (train, val): the first 90% and the last 10%, both still (N',) ids."""
-    n_train = int(0.9 * len(data))  # 90/10, as nanoGPT splits tinyshakespeare
+    n_train = int(0.9 * len(data))  # 90/10, as nanoGPT splits its Shakespeare (input.txt is another)
     check_long_enough(len(data), len(data) - n_train, block_size)  # each split holds a window: section 9
     return data[:n_train], data[n_train:]  # (0.9 N,), (0.1 N,)
 
@@ -168,7 +167,7 @@ def get_batch(data, block_size, batch_size, generator):
 #    -> lm_head                             (B, T, C) -> (B, T, V): a score for every next token
 #
 # The additions `x = x + ...` form the "residual stream": each block reads it and writes a
-# correction into it, so gradients flow straight from the loss to the first layer. With the
+# correction into it, so gradients flow straight from the output to the first layer. With the
 # LayerNorms inside the branches, nothing on that straight path is normalised or squashed,
 # which is why pre-LayerNorm stacks train stably without careful warm-up (Xiong et al. 2020).
 
@@ -177,10 +176,9 @@ def causal_mask(Tq, Tk, dtype, device):
     t + 1: a position that could look ahead would copy its answer instead of predicting it (and
     when sampling, the future does not exist yet). So the query at position t sees keys 0..t
     only: the mask adds 0 there and -inf on the future, whose weight becomes exp(-inf) = 0.
-    The queries are the last Tq of Tk positions: Tq = Tk in training; after 3 cached keys, 2
-    new queries sit at positions 3 and 4.
-        training, Tq = Tk = 3:   [0 -inf -inf]      2 new queries, Tk = 5:   [0 0 0 0 -inf]
-                                 [0    0 -inf]                               [0 0 0 0    0]
+    The queries are the last Tq of Tk positions (Tq = Tk in training):
+        training, Tq = Tk = 3:   [0 -inf -inf]      2 new queries after 3 cached keys:   [0 0 0 0 -inf]
+                                 [0    0 -inf]                                           [0 0 0 0    0]
                                  [0    0    0]
     (Built from comparisons of positions: torch.triu of -inf has given NaN on Apple's GPUs.)"""
     query_positions = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
@@ -195,21 +193,21 @@ def causal_attention_written_out(q, k, v, dropout_p=0.0):
     Tq of the Tk positions (Tq = Tk in training; Tq = 1 for a new token with a KV cache).
     """
     Tq, Tk, hs = q.size(-2), k.size(-2), q.size(-1)
-    # How well each query matches each key. With entries of variance 1, q . k sums hs terms and
-    # has variance hs; dividing by sqrt(hs) brings it back to 1, so the softmax does not saturate
-    # (one weight near 1, the rest near 0, and gradients near 0) (Vaswani et al. 2017).
+    # How well each query matches each key. With independent entries of mean 0 and variance 1,
+    # q . k sums hs terms and has variance hs; dividing by sqrt(hs) brings it back to 1, so the
+    # softmax does not saturate (one weight near 1, the rest near 0, gradients near 0) (Vaswani et al. 2017).
     scores = (q / math.sqrt(hs)) @ k.transpose(-2, -1)  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
     scores += causal_mask(Tq, Tk, scores.dtype, q.device)  # (B, nh, Tq, Tk) + (Tq, Tk)
     weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk): each row sums to 1
-    weights = F.dropout(weights, dropout_p)  # while training: zero some weights, scale the rest by 1 / (1 - p)
+    weights = F.dropout(weights, dropout_p)  # in training: zero some weights, scale the rest by 1 / (1 - p)
     return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs): a weighted mean of values
 
 
 def causal_attention_fused(q, k, v, dropout_p=0.0):
     """The same computation in one call of PyTorch's fused kernel, F.scaled_dot_product_attention,
     which runs by default: fewer passes over memory, and its flash and memory-efficient backends
-    never hold the (Tq, Tk) scores at all (PyTorch picks a backend by device, dtype and shape).
-    A test proves that both versions agree."""
+    never hold the whole (Tq, Tk) score matrix (PyTorch picks a backend by device, dtype and
+    shape). test_gpt.py checks that both versions agree."""
     Tq, Tk = q.size(-2), k.size(-2)
     if Tq == Tk:  # training, or a first pass over a prompt
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, Tq, hs)
@@ -226,9 +224,8 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
 # keeps lengths. A score is then Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j})
 #   = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}:
 # the positions enter only through m - n, how far apart the two tokens are. The paper pairs
-# neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do. The
-# two differ by a fixed permutation of the channels, the same for q and k, which a dot
-# product does not see (the learned weights of c_attn absorb it).
+# neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do: a fixed
+# permutation of the channels, the same for q and k, which a dot product does not see.
 
 def rope_angles(positions, hs):
     """positions (T,) -> cos and sin of the angles m * theta_j, each (T, hs/2), in float64, with
@@ -278,8 +275,9 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-        # The fused kernel, unless it is slower or wrong where it would run (section 8). q takes the
-        # keys' number format, y q's: they differ only with a KV cache on a CPU, kept in float32.
+        # The fused kernel, unless it is slower or wrong where it would run (section 8). A KV cache on
+        # a CPU keeps float32 even for a bfloat16 model (faster there): q meets k and v in the cache's
+        # number format, and y comes back to q's. Without a cache both .to() do nothing.
         attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
         y = attention(q.to(k.dtype), k, v, self.dropout if self.training else 0.0).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
@@ -390,9 +388,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0, block_size=None):
-        """OpenAI's GPT-2 weights in this model: "gpt2" (124M parameters), "gpt2-medium" (355M),
-        "gpt2-large" (774M), "gpt2-xl" (1558M), or a local Hugging Face folder or .safetensors
-        file (section 11)."""
+        """OpenAI's GPT-2 weights in this model: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" (124M to
+        1558M parameters), or a local Hugging Face folder or .safetensors file (section 11)."""
         return load_gpt2(name_or_path, dropout, block_size)
 
 
@@ -402,7 +399,9 @@ class GPT(nn.Module):
 # windows, compute the loss (the mean of -log p(the true next token)), backpropagate to get the
 # gradient of every weight, clip it, and let AdamW update the weights. Every eval_interval
 # steps, the loss on held-out text (validation) says whether the model learns or memorises.
-# The settings come in cfg, a TrainConfig (section 12), one field per command-line flag.
+# The settings come in cfg, a TrainConfig (section 12), one field per command-line flag; by default
+# batch_size 32, lr 4e-3 after 100 warm-up steps, down to min_lr 3e-5 at max_iters 3,000, weight
+# decay 0.7, beta2 0.99, grad_clip 1.0: a recipe for a small model and a few minutes of a CPU.
 
 def learning_rate(step, cfg):
     """Linear warm-up, then a cosine decay to min_lr (GPT-3, appendix B; Chinchilla: decay to
@@ -442,8 +441,8 @@ def train_step(model, optimizer, scaler, next_batch, grad_accum, autocast_ctx, g
     total = 0.0
     for i in range(grad_accum):
         x, y = next_batch()
-        # With several processes, DDP averages the gradients across them in one backward pass,
-        # the last micro-batch's (no_sync for the others: section 12).
+        # With several processes, DDP averages the gradients across them once per step: during the
+        # last micro-batch's backward pass (section 12).
         with gradients_averaged(model, now=i == grad_accum - 1):
             with autocast_ctx:
                 _, loss = model(x, y)
@@ -471,16 +470,15 @@ def estimate_loss(model, batches, autocast_ctx):
 
 
 def train(cfg, resume_checkpoint=None):
-    """Train a GPT as cfg (a TrainConfig, section 12) says -> {"step", "best_val_loss", "history",
-    "interrupted"}. `run`, a TrainingRun (section 12), is the engineering around the loop: it
-    checks every input before anything is written, picks the device, joins the other processes
-    (torchrun), continues a saved run (--resume; from resume_checkpoint if given), logs, saves
-    and stops. Its methods that every process must call, or all wait forever, say "collective"."""
+    """Train a GPT as cfg (a TrainConfig) says -> {"step", "best_val_loss", "history", "interrupted"}.
+    `run`, a TrainingRun (section 12), is the engineering around the loop: it checks every input
+    before anything is written, picks the device, joins other processes (torchrun), resumes a run,
+    logs, saves and stops. Its methods that every process must call (or all wait) say "collective"."""
     run = TrainingRun(cfg, resume_checkpoint)
     cfg, device = run.cfg, run.device  # with --resume, the saved settings, under the flags given now
 
-    # The data: every token id of the text (TrainingRun read it and encoded it, or mapped the ids
-    # of a file from `prepare`, section 9), 90% to train on and 10% to validate on.
+    # The data: every token id of the text (TrainingRun read and encoded it, or a file of ids from
+    # `prepare`: section 9), 90% to train on, 10% to validate on.
     train_data, val_data = split_data(run.tokens, cfg.block_size)
 
     # The model: GPT-2's initialisation drawn from the seed, or the weights of --init-from
@@ -490,7 +488,7 @@ def train(cfg, resume_checkpoint=None):
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     batches = torch.Generator().manual_seed(cfg.seed)  # the training windows' own random numbers
-    run.start(model, optimizer, batches)  # --resume: their saved states back. Logs what trains on what
+    run.start(model, optimizer, batches)  # --resume: their saved states back; then logs model, data and device
 
     def next_batch():  # random training windows, on the model's device
         x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, batches)
@@ -498,7 +496,7 @@ def train(cfg, resume_checkpoint=None):
 
     def evaluation_batches(data, seed, split):  # the same windows at every evaluation, apart from training's
         generator = torch.Generator().manual_seed(seed)
-        for _ in Progress(f"evaluating the {split} loss", cfg.eval_iters):  # a long evaluation is never silent
+        for _ in Progress(f"evaluating the {split} loss", cfg.eval_iters):  # a long one logs (start of Part II)
             x, y = get_batch(data, cfg.block_size, cfg.batch_size, generator)
             yield to_device(x, device), to_device(y, device)
 
@@ -506,12 +504,14 @@ def train(cfg, resume_checkpoint=None):
         return {split: estimate_loss(model, evaluation_batches(data, cfg.seed + n, split), run.autocast_ctx).item()
                 for n, (split, data) in enumerate((("train", train_data), ("val", val_data)), start=1)}
 
-    # With N processes (torchrun), each computes every N-th micro-batch of a step (share_of),
-    # and DDP averages their gradients; --compile compiles the model (both section 12).
+    # With N processes (torchrun, section 12), each computes every N-th micro-batch of a step
+    # (share_of; micro_batches is this process's share) and DDP averages their gradients; with
+    # --compile, the model is compiled.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
-            # Evaluate; save the latest state (last.pt), and the best so far (ckpt.pt).
+            # Evaluate, then save the latest state (last.pt), the best so far (ckpt.pt) and loss.svg.
+            # (A resumed run can start at a step it has evaluated already.)
             if run.step % cfg.eval_interval == 0 and not run.evaluated_at(run.step):
                 run.evaluate_and_save(evaluate)  # collective
             lr = learning_rate(run.step, cfg)
@@ -536,7 +536,7 @@ def train(cfg, resume_checkpoint=None):
 #   temperature  divides the scores: below 1 sharpens the distribution, above 1 flattens it;
 #                0 means "always the most likely token" (greedy).
 #   top_k        keep only the k most likely tokens.
-#   top_p        keep only the most likely tokens whose probabilities add up to p ("nucleus").
+#   top_p        keep only the most likely tokens, until their probabilities reach p ("nucleus").
 # The draw runs on the CPU in float32 whatever the device: torch.multinomial on Apple's GPUs has
 # drawn impossible ids (section 13). As a second guard, every drawn id is checked.
 
@@ -601,13 +601,12 @@ class KVCache:
 def sample_with_kv_cache(model, context, max_new_tokens, draw):
     """The same loop with a KV cache: the prompt in one pass, then one new position per token.
 
-    A full cache cannot slide by one token: learned positions are absolute (wpe), so sliding
-    would give every stored token a new position, and new keys and values. (RoPE's could slide;
-    both refill the same way here.) A full cache keeps the newest half of the context, computed
-    again in one pass at positions 0, 1, ...: past block_size the model sees between block_size
-    / 2 and block_size tokens, where the simple loop sees block_size; both are correct. (Keeping
-    more would refill more often, less would forget more.) With block_size 4 and the prompt "ab":
-    a b draw c; c draws d; d draws e and the cache is full; so "de" goes in at 0 and 1, draws f."""
+    A full cache cannot slide by one token: learned positions are absolute (wpe), so sliding would
+    give every stored token a new position, and new keys and values (RoPE's could; both refill
+    here). A full cache keeps the newest half of the context, computed again in one pass at
+    positions 0, 1, ...: past block_size the model sees block_size / 2 to block_size tokens, where
+    the simple loop sees block_size; both are correct. With block_size 4 and the prompt "ab": a b
+    draw c; c draws d; d draws e and the cache is full; so "de" goes in at 0 and 1, and draws f."""
     block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
     cache, pending = KVCache(model.config, context.size(0)), context
@@ -626,9 +625,8 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
 @torch.inference_mode()
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
                     generator=None):
-    """Yield max_new_tokens new token ids, each (B, 1) on the CPU, one at a time. While the text
-    fits in block_size, both loops compute the same thing: the same tokens in float64 (a test
-    checks it); in lower precision, rounding can make a drawn token differ now and then."""
+    """Yield max_new_tokens new token ids, each (B, 1) on the CPU, one at a time. While the text fits
+    in block_size both loops draw the same tokens (in float64; rounding can make one differ)."""
     check_sampling_settings(temperature, top_k, top_p, prompt=idx)  # one clear error for a bad value: section 13
 
     def draw(logits):  # (B, V) -> (B, 1)

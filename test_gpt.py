@@ -1093,6 +1093,7 @@ BAD_INPUTS = [  # (what is wrong, the command line, words its one-line error mus
     ("init_from unknown", ["sample", "--init-from", "gpt5"], ["gpt5", "gpt2-medium"]),
     ("inspect without a checkpoint", ["inspect", "--out-dir", "{tmp}/no_run"], ["no_run", "does not exist"]),
     ("inspect max_tokens 0", ["inspect", "--max-tokens", "0"], ["--max-tokens", "0"]),
+    ("inspect on unavailable device", ["inspect", "--device", unavailable_device()], ["not available"]),
     ("pos unknown", [*TRAIN, "--pos", "alibi"], ["--pos", "'alibi'", "rope"]),
 ]
 
@@ -1139,6 +1140,43 @@ def test_the_contexts_bench_reports_out_of_memory_and_stops_that_variant(monkeyp
         assert T / ((ms + 0.5) / 1000) - 1 <= tokens_per_second <= T / ((ms - 0.5) / 1000) + 1  # ms is rounded
 
 
+class CountingGradScaler(torch.amp.GradScaler):
+    made = 0
+
+    def __init__(self, *args, **kwargs):
+        CountingGradScaler.made += 1
+        super().__init__(*args, **kwargs)
+
+
+def test_bench_times_train_s_dropout_with_one_loss_scaler_per_number_format(monkeypatch):
+    # A scaler made anew for every step would restart float16's scale each step, and time skipped updates.
+    monkeypatch.setattr(torch.amp, "GradScaler", CountingGradScaler)
+    out = io.StringIO()
+    with contextlib.redirect_stderr(io.StringIO()):
+        gpt.bench(gpt.BenchConfig(device="cpu", steps=2, rounds=2, sample_tokens=4), out)
+    formats = len(set([torch.float32, gpt.pick_dtype("auto", torch.device("cpu"))]))
+    assert CountingGradScaler.made == formats and f"dropout {gpt.TrainConfig.dropout};" in out.getvalue()
+    assert out.getvalue().count("| float32") == 2  # a training row and a sampling row
+
+
+def test_an_atomic_write_without_hard_links_puts_the_copy_on_disk_before_naming_it(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def no_links(*args):
+        raise OSError("no hard links here")
+    monkeypatch.setattr(gpt.os, "link", no_links)
+    monkeypatch.setattr(gpt.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(gpt.os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    gpt.save_checkpoint({"step": 1}, tmp_path / "ckpt.pt", also=tmp_path / "last.pt")
+    for name in ("ckpt.pt", "last.pt"):
+        rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(tmp_path / name))
+        assert ("fsync", events[rename][1]) in events[:rename], (name, events)  # its bytes on disk, then its name
+    assert torch.load(tmp_path / "last.pt") == torch.load(tmp_path / "ckpt.pt") == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "last.pt"]
+
+
 def test_bad_bench_contexts_get_one_line(capsys):
     for contexts in ("256,abc", "0,512", ""):
         assert gpt.main(["bench", "--contexts", contexts]) == 1
@@ -1167,6 +1205,7 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         (["train", "--out-dir", run, "--data", data], ["already holds a training run", "--resume"]),
         (["sample", "--out-dir", run, "--prompt", "Hello ZZ ~ world"], ["lacks", "'~'"]),
         (["train", "--resume", "--out-dir", tmp_path / "nothing", "--data", data], ["nothing", "does not exist"]),
+        (["inspect", "--out-dir", run, "--svg", data / "attention.svg"], ["--svg", "data.txt"]),  # a file, not a folder
     ]
     before = folder_bytes(tmp_path)
     for argv, words in cases:
@@ -1546,6 +1585,20 @@ def test_prepare_names_the_byte_and_line_of_bad_utf8_whatever_the_chunks(raw, ch
         with contextlib.redirect_stderr(io.StringIO()):
             gpt.prepare(gpt.PrepareConfig(data=str(tmp_path / "bad.txt")))
     assert all(word in str(error.value) for word in words), str(error.value)
+
+
+def test_long_jobs_show_progress_with_an_eta(tmp_path, monkeypatch, capsys):
+    # A progress line is due every LOG_EVERY_SECONDS; at 0, every call of each job's report logs.
+    monkeypatch.setattr(gpt, "LOG_EVERY_SECONDS", 0)
+    monkeypatch.setattr(gpt, "PREPARE_CHUNK_BYTES", 4096)
+    cfg = train_cfg(tmp_path, max_iters=2, eval_interval=2, eval_iters=3)
+    gpt.prepare(gpt.PrepareConfig(data=cfg.data))
+    gpt.train(cfg)
+    err = capsys.readouterr().err
+    for job in ("collecting the characters", "encoding (char)", "evaluating the train loss", "evaluating the val loss"):
+        lines = [line for line in err.splitlines() if line.startswith(job + ":")]
+        assert lines and all("ETA" in line and "/s" in line for line in lines), (job, err)
+    assert [line for line in err.splitlines() if line.startswith("encoding")][-1].endswith("ETA 0m00s")  # at the end
 
 
 def test_bad_prepare_inputs_get_one_line_and_leave_no_file(tmp_path, capsys):
