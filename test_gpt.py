@@ -1159,7 +1159,7 @@ def test_bench_times_train_s_dropout_with_one_loss_scaler_per_number_format(monk
     assert out.getvalue().count("| float32") == 2  # a training row and a sampling row
 
 
-def test_an_atomic_write_without_hard_links_puts_the_copy_on_disk_before_naming_it(tmp_path, monkeypatch):
+def test_an_atomic_write_puts_each_file_on_disk_before_naming_it_and_names_the_second_last(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -1170,9 +1170,11 @@ def test_an_atomic_write_without_hard_links_puts_the_copy_on_disk_before_naming_
                         or real_fsync(fd))
     monkeypatch.setattr(gpt.os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
     gpt.save_checkpoint({"step": 1}, tmp_path / "ckpt.pt", also=tmp_path / "last.pt")
+    renames = []
     for name in ("ckpt.pt", "last.pt"):
-        rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(tmp_path / name))
-        assert ("fsync", events[rename][1]) in events[:rename], (name, events)  # its bytes on disk, then its name
+        renames.append(next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(tmp_path / name)))
+        assert ("fsync", events[renames[-1]][1]) in events[:renames[-1]], (name, events)  # its bytes on disk first
+    assert renames[0] < renames[1]  # the second name after the first: a kill in between leaves it the older
     assert torch.load(tmp_path / "last.pt") == torch.load(tmp_path / "ckpt.pt") == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "last.pt"]
 
@@ -1386,6 +1388,19 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(stop, uninterr
     b = gpt.load_checkpoint(tmp_path / "b" / "last.pt")
     assert_same_run(a, b)
     assert a["history"] == [h for h in b["history"] if h["step"] % 25 == 0 or h["step"] == total]
+
+
+def test_a_float16_run_resumes_with_its_loss_scaler_bit_for_bit(tmp_path):
+    # float16 scales the loss and counts the steps since the scale last changed: both are saved.
+    straight = train_cfg(tmp_path, dtype="float16", max_iters=12, lr_decay_iters=12, eval_interval=5, peak_flops=1e12)
+    gpt.train(straight)
+    gpt.train(gpt.dataclasses.replace(straight, max_iters=7, out_dir=str(tmp_path / "stopped")))
+    resumed, checkpoint = gpt.resumed_config({"resume": True, "out_dir": str(tmp_path / "stopped"), "max_iters": 12})
+    assert checkpoint["scaler_state"]["_growth_tracker"] == 7
+    gpt.train(resumed, checkpoint)
+    a, b = (gpt.load_checkpoint(Path(folder) / "last.pt") for folder in (straight.out_dir, tmp_path / "stopped"))
+    assert a["scaler_state"] == b["scaler_state"] and a["scaler_state"]["_growth_tracker"] == 12
+    assert_same_run(a, b)
 
 
 def test_max_minutes_plans_a_step_count_that_reproduces_the_run_and_resumes(tmp_path, capsys):
