@@ -24,8 +24,8 @@ text to logits, to a gradient step, to a sampled next token.
     6. Sampling         temperature, top-k, top-p; recomputing the context; the KV cache
 
 Part II (sections 7 to 16) makes it fast, safe and usable; Part I calls into it by names that
-say what happens there, with the section. Nothing is used before it is defined, but for the KV
-cache: the model (section 4) takes one, and sampling (section 6) explains it.
+say what happens there, with the section. Part I's own names come before their use, but for
+the KV cache: the model (section 4) takes one, and sampling (section 6) explains it.
 
 Shapes are written in comments with these letters:
     B  batch size (how many sequences at once)     T  time (tokens in a sequence)
@@ -370,11 +370,11 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"a sequence of {start + T} tokens is longer than block_size "
                              f"{self.config.block_size}, the longest this model has positions for")
-        x = self.transformer.wte(idx)  # (B, T) -> (B, T, C)
+        x, rope = self.transformer.wte(idx), None  # (B, T) -> (B, T, C)
         if self.config.pos == "learned":  # positions start..start+T-1: rows of wpe's (block_size, C) table
-            x, rope = x + self.transformer.wpe.weight[start:start + T], None  # (B, T, C) + (T, C) -> (B, T, C)
+            x = x + self.transformer.wpe.weight[start:start + T]  # (B, T, C) + (T, C) -> (B, T, C)
         else:  # RoPE: the positions turn q and k inside attention instead
-            x, rope = x, rope_for(self, start, T)  # cos, sin (T, hs/2), computed once per device: section 8
+            rope = rope_for(self, start, T)  # cos, sin (T, hs/2), computed once per device: section 8
         x = F.dropout(x, self.config.dropout) if self.training else x  # embedding dropout (Hugging Face's embd_pdrop)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, kv_cache, layer, rope)  # (B, T, C) -> (B, T, C)
@@ -401,12 +401,12 @@ class GPT(nn.Module):
 # steps, the loss on held-out text (validation) says whether the model learns or memorises.
 # The settings come in cfg, a TrainConfig (section 12), one field per command-line flag; by default
 # batch_size 32, lr 4e-3 after 100 warm-up steps, down to min_lr 3e-5 at max_iters 3,000, weight
-# decay 0.7, beta2 0.99, grad_clip 1.0: a recipe for a small model and a few minutes of a CPU.
+# decay 0.7 (GPT-3's is 0.1; 0.7 did best for this small model: docs/results.md), beta2 0.99.
 
 def learning_rate(step, cfg):
-    """Linear warm-up, then a cosine decay to min_lr (GPT-3, appendix B; Chinchilla: decay to
-    lr / 10). Warm-up: in the first steps Adam's estimate of each gradient's second moment rests
-    on a few samples, and its updates can be too large (Liu et al. 2020, "On the Variance of the
+    """Linear warm-up, then a cosine decay to min_lr (GPT-3, appendix B). A pre-LayerNorm model
+    warms up too: in the first steps Adam's estimate of each gradient's second moment rests on a
+    few samples, and its updates can be too large (Liu et al. 2020, "On the Variance of the
     Adaptive Learning Rate and Beyond"); step s of the warm-up uses lr * (s + 1) / warmup_iters."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
@@ -601,9 +601,9 @@ class KVCache:
 def sample_with_kv_cache(model, context, max_new_tokens, draw):
     """The same loop with a KV cache: the prompt in one pass, then one new position per token.
 
-    A full cache cannot slide by one token: learned positions are absolute (wpe), so sliding would
-    give every stored token a new position, and new keys and values (RoPE's could; both refill
-    here). A full cache keeps the newest half of the context, computed again in one pass at
+    A full cache cannot slide by one token: every stored key and value above the first layer was
+    computed looking at the token that would leave, and learned positions are absolute. So a
+    full cache keeps the newest half of the context, computed again in one pass at
     positions 0, 1, ...: past block_size the model sees block_size / 2 to block_size tokens, where
     the simple loop sees block_size; both are correct. With block_size 4 and the prompt "ab": a b
     draw c; c draws d; d draws e and the cache is full; so "de" goes in at 0 and 1, and draws f."""
@@ -626,7 +626,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
                     generator=None):
     """Yield max_new_tokens new token ids, each (B, 1) on the CPU, one at a time. While the text fits
-    in block_size both loops draw the same tokens (in float64; rounding can make one differ)."""
+    in block_size both loops draw the same tokens for a float64 model; rounding can change one."""
     check_sampling_settings(temperature, top_k, top_p, prompt=idx)  # one clear error for a bad value: section 13
 
     def draw(logits):  # (B, V) -> (B, 1)

@@ -1219,6 +1219,16 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         assert folder_bytes(tmp_path) == before, argv
 
 
+def test_an_empty_prompt_starts_a_text_where_a_speech_starts_a_play_after_a_new_line(trained, capsys):
+    assert gpt.main(["sample", "--out-dir", str(trained), "--max-new-tokens", "30", "--prompt", ""]) == 0
+    empty = capsys.readouterr().out
+    assert gpt.main(["sample", "--out-dir", str(trained), "--max-new-tokens", "30", "--prompt", "\n"]) == 0
+    assert capsys.readouterr().out == "\n" + empty  # the same draws, after the same (unwritten) new line
+    tokenizer = gpt.CharTokenizer.from_text("\tTo be\n")  # a tab sorts before the new line
+    assert tokenizer.decode([tokenizer.start_token]) == "\n"
+    assert gpt.BPETokenizer().start_token == 50256  # GPT-2: <|endoftext|>, which begins every document
+
+
 def test_zero_new_tokens_and_an_empty_prompt_are_not_errors(trained, capsys):
     assert gpt.main(["sample", "--out-dir", str(trained), "--max-new-tokens", "0", "--prompt", "KING"]) == 0
     assert capsys.readouterr().out == "KING\n"
@@ -1769,6 +1779,7 @@ def test_the_loss_curve_reads_back_to_the_runs_history_with_the_best_val_marked(
         for (px, py), h in zip(points, history):
             assert reading(*x_axis, px) == pytest.approx(h["step"], abs=1e-3)
             assert reading(*y_axis, py) == pytest.approx(h[split], abs=1e-4 * max(y_span, 1e-3))
+    assert y_axis[1] == sorted(y_axis[1]) and y_axis[0] == sorted(y_axis[0], reverse=True)  # a higher loss, higher up
     best = min(history, key=lambda h: h["val"])
     circle = next(root.iter(SVG + "circle"))
     assert reading(*x_axis, float(circle.get("cx"))) == pytest.approx(best["step"], abs=1e-3)
