@@ -7,7 +7,7 @@
     python gpt.py bench            # measure this machine: training and sampling speed
     python gpt.py train --help     # every flag, with its default
 
-The model is GPT-2 exactly (Radford et al. 2019, "Language Models are Unsupervised Multitask
+The model's architecture is GPT-2's exactly (Radford et al. 2019, "Language Models are Unsupervised Multitask
 Learners", and OpenAI's released code): token and position embeddings, a stack of pre-LayerNorm
 transformer blocks with causal multi-head self-attention and a 4x-wide GELU MLP, a final
 LayerNorm, and an output layer that shares its weights with the token embedding. Its
@@ -168,8 +168,8 @@ def get_batch(data, block_size, batch_size, generator):
 #
 # The additions `x = x + ...` form the "residual stream": each block reads it and writes a
 # correction into it, so gradients flow straight from the output to the first layer. With the
-# LayerNorms inside the branches, nothing on that straight path is normalised or squashed,
-# which is why pre-LayerNorm stacks train stably without careful warm-up (Xiong et al. 2020).
+# LayerNorms inside the branches, nothing on that path is normalised or squashed before ln_f,
+# which is why pre-LayerNorm stacks train stably with little warm-up (Xiong et al. 2020).
 
 def causal_mask(Tq, Tk, dtype, device):
     """The causal mask, (Tq, Tk), added to the scores. The target at position t is the input at
@@ -222,8 +222,8 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
 # use instead of wpe. Read each pair of channels (x_j, x_{j + hs/2}) of a query or a key as a
 # complex number z_j. At position m, RoPE multiplies z_j by e^{i m theta_j}: a rotation, which
 # keeps lengths. A score is then Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j})
-#   = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}:
-# the positions enter only through m - n, how far apart the two tokens are. The paper pairs
+#   = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}   (Re(z conj(w)) = ac + bd, a pair's dot product)
+# The positions enter only through m - n, how far apart the two tokens are. The paper pairs
 # neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do: a fixed
 # permutation of the channels, the same for q and k, which a dot product does not see.
 
@@ -275,9 +275,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-        # The fused kernel, unless it is slower or wrong where it would run (section 8). A KV cache on
-        # a CPU keeps float32 even for a bfloat16 model (faster there): q meets k and v in the cache's
-        # number format, and y comes back to q's. Without a cache both .to() do nothing.
+        # The fused kernel, unless it is slower or wrong where it would run (section 8). A KV cache may
+        # keep another number format than q's (section 8): q meets k and v in theirs, y comes back to q's.
         attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
         y = attention(q.to(k.dtype), k, v, self.dropout if self.training else 0.0).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
@@ -428,32 +427,32 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=fused)
 
 
-def train_step(model, optimizer, scaler, next_batch, grad_accum, autocast_ctx, grad_clip):
-    """One optimizer step over grad_accum micro-batches from next_batch() -> the mean loss, as a
-    tensor: reading its value would make the CPU wait for a GPU, so the run does that only when
-    it logs. Accumulating the gradients of several micro-batches gives the step of a batch
-    larger than fits in memory.
+def train_step(model, optimizer, scaler, next_batch, micro_batches, autocast_ctx, grad_clip):
+    """One optimizer step over micro_batches batches from next_batch() -> their mean loss, a tensor
+    (reading its value makes the CPU wait for a GPU: the run reads it only to log). Accumulating
+    the gradients of several micro-batches gives the step of a batch larger than fits in memory.
 
     Mixed precision (section 7): autocast_ctx runs the matmuls in 16 bits. In float16 small
     gradients would round to zero, so the scaler multiplies the loss by a large factor before
     backward, unscale_ divides the gradients back before clipping (which must see their true
-    size), and step skips an update whose gradients overflowed. Otherwise the scaler is off."""
+    size), and step skips an update whose gradients overflowed. Otherwise the scaler is disabled
+    and passes through: loss.backward(), optimizer.step()."""
     total = 0.0
-    for i in range(grad_accum):
+    for i in range(micro_batches):
         x, y = next_batch()
         # With several processes, DDP averages the gradients across them once per step: during the
         # last micro-batch's backward pass (section 12).
-        with gradients_averaged(model, now=i == grad_accum - 1):
+        with gradients_averaged(model, now=i == micro_batches - 1):
             with autocast_ctx:
                 _, loss = model(x, y)
-            scaler.scale(loss / grad_accum).backward()  # the gradients of the micro-batches add up
+            scaler.scale(loss / micro_batches).backward()  # backward adds into .grad: the sum of means / n is the mean
         total += loss.detach()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # one bad batch cannot throw the weights far
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)  # the next step's gradients start from zero
-    return total / grad_accum
+    return total / micro_batches
 
 
 @torch.no_grad()
@@ -487,11 +486,11 @@ def train(cfg, resume_checkpoint=None):
     model = GPT(run.config) if run.weights is None else model_with_weights(run.config, run.weights)  # section 11
     model.to(device)
     optimizer = make_optimizer(model, cfg)
-    batches = torch.Generator().manual_seed(cfg.seed)  # the training windows' own random numbers
-    run.start(model, optimizer, batches)  # --resume: their saved states back; then logs model, data and device
+    batch_rng = torch.Generator().manual_seed(cfg.seed)  # the training windows' own random numbers
+    run.start(model, optimizer, batch_rng)  # --resume: their saved states back; then logs model, data and device
 
     def next_batch():  # random training windows, on the model's device
-        x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, batches)
+        x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, batch_rng)
         return to_device(x, device), to_device(y, device)  # section 7
 
     def evaluation_batches(data, seed, split):  # the same windows at every evaluation, apart from training's
@@ -501,8 +500,9 @@ def train(cfg, resume_checkpoint=None):
             yield to_device(x, device), to_device(y, device)
 
     def evaluate():  # both splits -> {"train": loss, "val": loss}
-        return {split: estimate_loss(model, evaluation_batches(data, cfg.seed + n, split), run.autocast_ctx).item()
-                for n, (split, data) in enumerate((("train", train_data), ("val", val_data)), start=1)}
+        train_loss = estimate_loss(model, evaluation_batches(train_data, cfg.seed + 1, "train"), run.autocast_ctx)
+        val_loss = estimate_loss(model, evaluation_batches(val_data, cfg.seed + 2, "val"), run.autocast_ctx)
+        return {"train": train_loss.item(), "val": val_loss.item()}
 
     # With N processes (torchrun, section 12), each computes every N-th micro-batch of a step
     # (share_of; micro_batches is this process's share) and DDP averages their gradients; with
@@ -605,8 +605,9 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     computed looking at the token that would leave, and learned positions are absolute. So a
     full cache keeps the newest half of the context, computed again in one pass at
     positions 0, 1, ...: past block_size the model sees block_size / 2 to block_size tokens, where
-    the simple loop sees block_size; both are correct. With block_size 4 and the prompt "ab": a b
-    draw c; c draws d; d draws e and the cache is full; so "de" goes in at 0 and 1, and draws f."""
+    the simple loop sees block_size; both are correct. (Keeping all but one would refill at every
+    token: the simple loop again.) With block_size 4 and the prompt "ab": a b draw c; c draws d;
+    d draws e and the cache is full; so "de" goes in at 0 and 1, and draws f."""
     block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
     cache, pending = KVCache(model.config, context.size(0)), context
@@ -614,7 +615,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
         if cache.length + pending.size(1) > block_size:  # the cache is full: refill it with the newest half
             pending, cache = context[:, -max(1, block_size // 2):], KVCache(model.config, context.size(0))
         # The prompt (or a refill) in one pass; after that, only the new token's position.
-        with one_row_matmuls(pending):  # a new token's products are one row each: the fast kernel, section 8
+        with one_row_matmuls(pending):  # speed only (section 8): a new token's products are one row each
             logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V)
         next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1)
         yield next_id
