@@ -14,7 +14,7 @@ LayerNorm, and an output layer that shares its weights with the token embedding.
 parameters carry the names of Hugging Face's GPT-2 checkpoints, which follow OpenAI's code, so
 GPT.from_pretrained("gpt2") loads the real weights into it.
 
-Part I, the GPT, is the code that runs; read it first, in one sitting. It follows a token from
+Part I, the GPT, is the code that runs; read it first. It follows a token from
 text to logits, to a gradient step, to a sampled next token.
     1. Config           what a model is made of: GPTConfig
     2. Tokenizers       text <-> integers: CharTokenizer, BPETokenizer
@@ -24,8 +24,8 @@ text to logits, to a gradient step, to a sampled next token.
     6. Sampling         temperature, top-k, top-p; recomputing the context; the KV cache
 
 Part II (sections 7 to 16) makes it fast, safe and usable; Part I calls into it by names that
-say what happens there, with the section. Part I's own names come before their use, but for
-the KV cache: the model (section 4) takes one, and sampling (section 6) explains it.
+say what happens there. A first reading can skip RoPE, the fused attention's branches, the KV
+cache (the model takes one; section 6 explains it) and train()'s lines for several processes.
 
 Shapes are written in comments with these letters:
     B  batch size (how many sequences at once)     T  time (tokens in a sequence)
@@ -169,7 +169,7 @@ def get_batch(data, block_size, batch_size, generator):
 # The additions `x = x + ...` form the "residual stream": each block reads it and writes a
 # correction into it, so gradients flow straight from the output to the first layer. With the
 # LayerNorms inside the branches, nothing on that path is normalised or squashed before ln_f,
-# which is why pre-LayerNorm stacks train stably with little warm-up (Xiong et al. 2020).
+# which is why pre-LayerNorm stacks train stably without a long warm-up (Xiong et al. 2020).
 
 def causal_mask(Tq, Tk, dtype, device):
     """The causal mask, (Tq, Tk), added to the scores. The target at position t is the input at
@@ -177,7 +177,7 @@ def causal_mask(Tq, Tk, dtype, device):
     when sampling, the future does not exist yet). So the query at position t sees keys 0..t
     only: the mask adds 0 there and -inf on the future, whose weight becomes exp(-inf) = 0.
     The queries are the last Tq of Tk positions (Tq = Tk in training):
-        training, Tq = Tk = 3:   [0 -inf -inf]      2 new queries after 3 cached keys:   [0 0 0 0 -inf]
+        training, Tq = Tk = 3:   [0 -inf -inf]      2 new queries, 3 cached keys (Tk = 5):   [0 0 0 0 -inf]
                                  [0    0 -inf]                                           [0 0 0 0    0]
                                  [0    0    0]
     (Built from comparisons of positions: torch.triu of -inf has given NaN on Apple's GPUs.)"""
@@ -218,11 +218,11 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
     return causal_attention_written_out(q, k, v, dropout_p)
 
 
-# RoPE, rotary position embeddings (Su et al. 2021, RoFormer), is what most models since GPT-2
-# use instead of wpe. Read each pair of channels (x_j, x_{j + hs/2}) of a query or a key as a
+# RoPE, rotary position embeddings (Su et al. 2021, RoFormer; --pos rope, the default is wpe), is
+# what most models since GPT-2 use instead of wpe. Read each pair of channels (x_j, x_{j + hs/2}) of a query or a key as a
 # complex number z_j. At position m, RoPE multiplies z_j by e^{i m theta_j}: a rotation, which
 # keeps lengths. A score is then Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j})
-#   = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}   (Re(z conj(w)) = ac + bd, a pair's dot product)
+#   = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}   (z = a + ib, w = c + id: Re(z conj(w)) = ac + bd)
 # The positions enter only through m - n, how far apart the two tokens are. The paper pairs
 # neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do: a fixed
 # permutation of the channels, the same for q and k, which a dot product does not see.
@@ -266,17 +266,17 @@ class CausalSelfAttention(nn.Module):
         rope: RoPE's cos and sin for these positions, if the model uses RoPE."""
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        # q, k and v of every head in one matmul. Each head works on its own hs channels: the head
-        # axis moves next to the batch axis, and every (sequence, head) pair becomes one
-        # independent attention computation.
+        # q, k and v of every head in one matmul: c_attn's output is [q | k | v], each C wide, each
+        # nh heads of hs channels. The head axis moves next to the batch axis: every (sequence,
+        # head) pair becomes one independent attention computation.
         qkv = self.c_attn(x).view(B, T, 3, nh, hs)  # (B, T, C) -> (B, T, 3C) -> (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # -> (3, B, nh, T, hs) -> 3 x (B, nh, T, hs)
         if rope is not None:  # queries and keys turned by their positions' angles; values are not
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-        # The fused kernel, unless it is slower or wrong where it would run (section 8). A KV cache may
-        # keep another number format than q's (section 8): q meets k and v in theirs, y comes back to q's.
+        # The fused kernel, unless it is slower or wrong where it would run (section 8). A KV cache on a
+        # CPU is float32 even for a bfloat16 model (faster): q meets k, v in float32, y goes back to q's.
         attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
         y = attention(q.to(k.dtype), k, v, self.dropout if self.training else 0.0).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
@@ -404,7 +404,7 @@ class GPT(nn.Module):
 
 def learning_rate(step, cfg):
     """Linear warm-up, then a cosine decay to min_lr (GPT-3, appendix B). A pre-LayerNorm model
-    warms up too: in the first steps Adam's estimate of each gradient's second moment rests on a
+    still warms up, briefly: in the first steps Adam's estimate of each gradient's second moment rests on a
     few samples, and its updates can be too large (Liu et al. 2020, "On the Variance of the
     Adaptive Learning Rate and Beyond"); step s of the warm-up uses lr * (s + 1) / warmup_iters."""
     if step < cfg.warmup_iters:
@@ -432,11 +432,11 @@ def train_step(model, optimizer, scaler, next_batch, micro_batches, autocast_ctx
     (reading its value makes the CPU wait for a GPU: the run reads it only to log). Accumulating
     the gradients of several micro-batches gives the step of a batch larger than fits in memory.
 
-    Mixed precision (section 7): autocast_ctx runs the matmuls in 16 bits. In float16 small
-    gradients would round to zero, so the scaler multiplies the loss by a large factor before
-    backward, unscale_ divides the gradients back before clipping (which must see their true
-    size), and step skips an update whose gradients overflowed. Otherwise the scaler is disabled
-    and passes through: loss.backward(), optimizer.step()."""
+    In float32 the scaler is disabled and passes through: loss.backward(), clip, optimizer.step().
+    Mixed precision (section 7): autocast_ctx runs the matmuls in bfloat16 or float16. In float16
+    small gradients would round to zero, so the scaler multiplies the loss by a large factor
+    before backward, unscale_ divides the gradients back before clipping (which must see their
+    true size), and step skips an update whose gradients overflowed (bfloat16 needs none of it)."""
     total = 0.0
     for i in range(micro_batches):
         x, y = next_batch()
@@ -474,7 +474,7 @@ def train(cfg, resume_checkpoint=None):
     before anything is written, picks the device, joins other processes (torchrun), resumes a run,
     logs, saves and stops. Its methods that every process must call (or all wait) say "collective"."""
     run = TrainingRun(cfg, resume_checkpoint)
-    cfg, device = run.cfg, run.device  # with --resume, the saved settings, under the flags given now
+    cfg, device = run.cfg, run.device  # with --resume, the saved settings; flags given now override them
 
     # The data: every token id of the text (TrainingRun read and encoded it, or a file of ids from
     # `prepare`: section 9), 90% to train on, 10% to validate on.
@@ -504,9 +504,9 @@ def train(cfg, resume_checkpoint=None):
         val_loss = estimate_loss(model, evaluation_batches(val_data, cfg.seed + 2, "val"), run.autocast_ctx)
         return {"train": train_loss.item(), "val": val_loss.item()}
 
-    # With N processes (torchrun, section 12), each computes every N-th micro-batch of a step
-    # (share_of; micro_batches is this process's share) and DDP averages their gradients; with
-    # --compile, the model is compiled.
+    # One process: share_of(next_batch) is next_batch, micro_batches is grad_accum. N processes
+    # (torchrun, section 12): each keeps every N-th micro-batch of a step (micro_batches is its
+    # share) and DDP averages their gradients. With --compile, the model is compiled.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
@@ -552,8 +552,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     probs = F.softmax(logits, dim=-1)  # (B, V)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
-        # A token is in the nucleus if the tokens more likely than it add up to less than top_p
-        # (so the most likely token always is).
+        # A token is in the nucleus if the tokens more likely than it add up to less than top_p (so
+        # the most likely token always is): probs .5 .3 .2 and top_p .7 keep .5 and .3 (.5 < .7).
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V), in vocabulary order
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
