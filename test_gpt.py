@@ -1626,6 +1626,25 @@ def test_long_jobs_show_progress_with_an_eta(tmp_path, monkeypatch, capsys):
     assert [line for line in err.splitlines() if line.startswith("encoding")][-1].endswith("ETA 0m00s")  # at the end
 
 
+def test_training_progress_gives_the_time_left_from_the_steps_left(tmp_path, monkeypatch, capsys):
+    # A clock that only training steps move, by 10 s each: every step is due a line (10 s >
+    # LOG_EVERY_SECONDS), evaluations take no time, so step k of 12 has exactly (12 - k) x 10 s left.
+    clock = [0.0]
+    monkeypatch.setattr(gpt.time, "perf_counter", lambda: clock[0])
+    real_step = gpt.train_step
+
+    def ten_second_step(*args):
+        clock[0] += 10.0
+        return real_step(*args)
+
+    monkeypatch.setattr(gpt, "train_step", ten_second_step)
+    gpt.train(train_cfg(tmp_path, max_iters=12, eval_interval=100, eval_iters=1, peak_flops=1e12))  # no timed probe
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ") and "ETA" in line]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == list(range(1, 13))
+    for k, line in enumerate(lines, start=1):
+        assert "10000 ms/step" in line and line.endswith(f"ETA {gpt.duration(10 * (12 - k))}"), line
+
+
 def test_bad_prepare_inputs_get_one_line_and_leave_no_file(tmp_path, capsys):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "latin1.txt").write_bytes("line one\nna\xefve\n".encode("latin-1"))
