@@ -14,8 +14,7 @@ LayerNorm, and an output layer that shares its weights with the token embedding.
 parameters carry the names of Hugging Face's GPT-2 checkpoints, which follow OpenAI's code, so
 GPT.from_pretrained("gpt2") loads the real weights into it.
 
-Part I, the GPT, is the code that runs; read it first. It follows a token from
-text to logits, to a gradient step, to a sampled next token.
+Part I, the GPT, is the code that runs; read it first. It takes a token to logits, a loss, a sample:
     1. Config           what a model is made of: GPTConfig
     2. Tokenizers       text <-> integers: CharTokenizer, BPETokenizer
     3. Data             token ids -> batches of (input, target) windows
