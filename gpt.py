@@ -911,7 +911,7 @@ def use_fused_attention(q):
     """Which attention CausalSelfAttention runs: the fused kernel, except in two cases. On MPS in
     half precision, its is_causal kernel has let tokens see the future (pytorch issue 195910).
     Training in bfloat16 on a CPU with a context up to 512, PyTorch's fused kernel is slow to
-    differentiate: the written-out version's step is faster there (2x at the default context)."""
+    differentiate: the written-out version's step is faster there (1.6x at the defaults: docs/speed.md)."""
     if forced_attention is not None:
         return forced_attention == "fused"
     if q.device.type == "mps":
