@@ -23,8 +23,8 @@ Part I, the GPT, is the code that runs; read it first. It takes a token to logit
     6. Sampling         temperature, top-k, top-p; recomputing the context; the KV cache
 
 Part II (sections 7 to 16) makes it fast, safe and usable; Part I calls into it by names that
-say what happens there. A first reading can skip RoPE, the fused attention's branches, the KV
-cache (the model takes one; section 6 explains it) and train()'s lines for several processes.
+say what happens there. A first reading can take Tq = Tk, kv_cache None, float32, one process,
+and skip RoPE, the fused attention's branches and section 6's KVCache and sample_with_kv_cache.
 
 Shapes are written in comments with these letters:
     B  batch size (how many sequences at once)     T  time (tokens in a sequence)
@@ -142,7 +142,7 @@ class BPETokenizer:
 
 def split_data(data, block_size):
     """Token ids (N,) -> (train, val): the first 90% and the last 10%, both still (N',) ids."""
-    n_train = int(0.9 * len(data))  # 90/10, as nanoGPT splits its Shakespeare (input.txt is another)
+    n_train = int(0.9 * len(data))  # 90/10, as nanoGPT splits its Shakespeare (input.txt: eight other plays)
     check_long_enough(len(data), len(data) - n_train, block_size)  # each split holds a window: section 9
     return data[:n_train], data[n_train:]  # (0.9 N,), (0.1 N,)
 
@@ -204,9 +204,9 @@ def causal_attention_written_out(q, k, v, dropout_p=0.0):
 
 def causal_attention_fused(q, k, v, dropout_p=0.0):
     """The same computation in one call of PyTorch's fused kernel, F.scaled_dot_product_attention,
-    which runs by default: fewer passes over memory, and its flash and memory-efficient backends
-    never hold the whole (Tq, Tk) score matrix (PyTorch picks a backend by device, dtype and
-    shape). test_gpt.py checks that both versions agree."""
+    which runs unless section 8 finds it slower or wrong: fewer passes over memory, and its flash
+    and memory-efficient backends never hold the whole (Tq, Tk) score matrix (PyTorch picks a
+    backend by device, dtype and shape). test_gpt.py checks that both versions agree."""
     Tq, Tk = q.size(-2), k.size(-2)
     if Tq == Tk:  # training, or a first pass over a prompt
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, Tq, hs)
@@ -217,10 +217,10 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
     return causal_attention_written_out(q, k, v, dropout_p)
 
 
-# RoPE, rotary position embeddings (Su et al. 2021, RoFormer; --pos rope, the default is wpe), is
-# what most models since GPT-2 use instead of wpe. Read each pair of channels (x_j, x_{j + hs/2}) of a query or a key as a
-# complex number z_j. At position m, RoPE multiplies z_j by e^{i m theta_j}: a rotation, which
-# keeps lengths. A score is then Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j})
+# RoPE, rotary position embeddings (Su et al. 2021, RoFormer; pos="rope", where GPT-2 learns wpe),
+# is what most models since GPT-2 use. Read each pair of channels (x_j, x_{j + hs/2}) of a query
+# or a key as a complex number z_j. At position m, RoPE multiplies z_j by e^{i m theta_j}: a
+# rotation, which keeps lengths. A score is then Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j})
 #   = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}   (z = a + ib, w = c + id: Re(z conj(w)) = ac + bd)
 # The positions enter only through m - n, how far apart the two tokens are. The paper pairs
 # neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do: a fixed
@@ -479,8 +479,8 @@ def train(cfg, resume_checkpoint=None):
     # `prepare`: section 9), 90% to train on, 10% to validate on.
     train_data, val_data = split_data(run.tokens, cfg.block_size)
 
-    # The model: GPT-2's initialisation drawn from the seed, or the weights of --init-from
-    # (GPT-2's or a checkpoint's) or of the run being resumed, put in without drawing any.
+    # The model: GPT-2's initialisation drawn from the seed, or the weights of --init-from (GPT-2's
+    # or a checkpoint's) or of a resumed run; run.config is theirs, else the flags' and the tokenizer's.
     torch.manual_seed(cfg.seed)
     model = GPT(run.config) if run.weights is None else model_with_weights(run.config, run.weights)  # section 11
     model.to(device)
