@@ -7,10 +7,10 @@
     python gpt.py bench            # measure this machine: training and sampling speed
     python gpt.py train --help     # every flag, with its default
 
-The model's architecture is GPT-2's exactly (Radford et al. 2019, "Language Models are Unsupervised Multitask
-Learners", and OpenAI's released code): token and position embeddings, a stack of pre-LayerNorm
-transformer blocks with causal multi-head self-attention and a 4x-wide GELU MLP, a final
-LayerNorm, and an output layer that shares its weights with the token embedding. Its
+The architecture is GPT-2's exactly (Radford et al. 2019, "Language Models are Unsupervised
+Multitask Learners", and OpenAI's released code): token and position embeddings, a stack of
+pre-LayerNorm transformer blocks with causal multi-head self-attention and a 4x-wide GELU MLP,
+a final LayerNorm, and an output layer that shares its weights with the token embedding. Its
 parameters carry the names of Hugging Face's GPT-2 checkpoints, which follow OpenAI's code, so
 GPT.from_pretrained("gpt2") loads the real weights into it.
 
@@ -219,8 +219,8 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
 
 # RoPE, rotary position embeddings (Su et al. 2021, RoFormer; pos="rope", where GPT-2 learns wpe),
 # is what most models since GPT-2 use. Read each pair of channels (x_j, x_{j + hs/2}) of a query
-# or a key as a complex number z_j. At position m, RoPE multiplies z_j by e^{i m theta_j}: a
-# rotation, which keeps lengths. A score is then Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j})
+# or a key as a complex number z_j. At position m, RoPE multiplies z_j by e^{i m theta_j}, a
+# rotation (lengths kept). A score is Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j})
 #   = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}   (z = a + ib, w = c + id: Re(z conj(w)) = ac + bd)
 # The positions enter only through m - n, how far apart the two tokens are. The paper pairs
 # neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do: a fixed
@@ -403,9 +403,9 @@ class GPT(nn.Module):
 
 def learning_rate(step, cfg):
     """Linear warm-up, then a cosine decay to min_lr (GPT-3, appendix B). A pre-LayerNorm model
-    still warms up, briefly: in the first steps Adam's estimate of each gradient's second moment rests on a
-    few samples, and its updates can be too large (Liu et al. 2020, "On the Variance of the
-    Adaptive Learning Rate and Beyond"); step s of the warm-up uses lr * (s + 1) / warmup_iters."""
+    still warms up, briefly: in the first steps Adam's estimate of each gradient's second moment
+    rests on a few samples, and its updates can be too large (Liu et al. 2020, "On the Variance of
+    the Adaptive Learning Rate and Beyond"); step s of the warm-up uses lr * (s + 1) / warmup_iters."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
@@ -1734,10 +1734,10 @@ class TrainingRun:
         self.autocast_ctx = autocast(self.device, self.dtype)
         self.step, self.best_val, self.history = 0, float("inf"), []
 
-    def start(self, model, optimizer, batches):
+    def start(self, model, optimizer, batch_rng):
         """Keep the model, its optimizer and the batches' generator, to save them; with --resume,
         give them their saved state. Log what trains on what, and start the clocks."""
-        self.model, self.optimizer, self.batches = model, optimizer, batches
+        self.model, self.optimizer, self.batch_rng = model, optimizer, batch_rng
         if process_rank():  # every process starts from the same weights; dropout differs from process to process
             torch.manual_seed(self.cfg.seed + process_rank())
         if self.resume is not None:
@@ -1769,7 +1769,7 @@ class TrainingRun:
         self.step, self.best_val, self.history = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["history"]
         rng, by_rank = checkpoint["rng"], checkpoint.get("rng_by_rank")  # rank 0's; every rank's, if several ran
         mine = by_rank[process_rank()] if by_rank and len(by_rank) == process_count() else rng
-        self.batches.set_state(rng["batches"])  # the same on every process
+        self.batch_rng.set_state(rng["batches"])  # the same on every process
         random.setstate(rng["python"])
         if mine is rng and process_rank():  # another number of processes: this rank's dropout keeps its seed
             return
@@ -1788,7 +1788,7 @@ class TrainingRun:
 
     def state(self):
         """Collective (it gathers every process's random state). The run's whole state, as section 10 describes."""
-        rng = {"torch": torch.get_rng_state(), "batches": self.batches.get_state(), "python": random.getstate()}
+        rng = {"torch": torch.get_rng_state(), "batches": self.batch_rng.get_state(), "python": random.getstate()}
         if self.device.type in ("cuda", "mps"):  # dropout's random state on the GPU
             rng[self.device.type] = getattr(torch, self.device.type).get_rng_state()
         state = {"format": CHECKPOINT_FORMAT, "model_state": self.model.state_dict(),
