@@ -704,8 +704,7 @@ LOG_EVERY_SECONDS = 3  # a long job is never silent for longer
 
 
 def log(message):
-    """Progress goes to stderr (stdout carries only sampled text and tables); with several
-    processes (section 12) only the first one speaks."""
+    """Progress goes to stderr (stdout carries only sampled text and tables); rank 0 alone speaks."""
     if os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
 
@@ -716,9 +715,8 @@ def duration(seconds):
 
 
 class Progress:
-    """The progress line of a long job: once it has taken LOG_EVERY_SECONDS, a line every
-    LOG_EVERY_SECONDS and one at the end, with how far it is, how fast it goes and its ETA (a
-    quick job says nothing). Call it with the amount done, or iterate over it: 0 .. total - 1."""
+    """A long job's progress, rate and ETA: a line every LOG_EVERY_SECONDS once it has run that long,
+    and one at the end (a quick job says nothing). Call it with the amount done, or iterate over it."""
 
     def __init__(self, what, total, unit="batches", scale=1):
         self.what, self.total, self.unit, self.scale = what, total, unit, scale
@@ -741,10 +739,9 @@ class Progress:
 
 
 def write_atomically(path, write, also=None):
-    """Write a file so that a crash or a kill at any moment leaves the old file or the new one,
-    never half of one: write(f) fills a temporary file in the same folder, which is flushed to
-    disk and then renamed over path in one step. also: a second name for the same file (a hard
-    link, or a copy without them), renamed after path, so it is never the newer of the two."""
+    """Write path so that a crash at any moment leaves the old file or the new one, never half of one:
+    write(f) fills a temporary file beside it, flushed to disk, then renamed over path. also: a second
+    name for the same file (a hard link, or a copy), renamed after path: never the newer of the two."""
     names = [Path(path)] + ([Path(also)] if also else [])
     for name in names:  # leftovers of a write that was killed
         for leftover in name.parent.glob(f".{name.name}.*.tmp"):
@@ -851,9 +848,8 @@ def autocast(device, dtype):
 
 
 def non_blocking_copies(device):
-    """Whether a copy to device may return before it is done: on CUDA, where it then overlaps the
-    GPU's work. On MPS such a copy from a temporary CPU tensor could read freed memory in torch
-    before 2.13 (pytorch issues 139550, 189690); on a CPU there is nothing to overlap."""
+    """Whether a copy to device may return before it is done: on CUDA, overlapping the GPU's work. On
+    MPS it could read freed memory before torch 2.13 (pytorch issues 139550, 189690)."""
     return device.type == "cuda"
 
 
@@ -862,9 +858,8 @@ def to_device(x, device):
 
 
 def use_fused_adamw(params):
-    """Whether AdamW may use its fused kernel: every parameter a floating-point tensor on a device
-    that has one in this torch (MPS's came after 2.4). Decided up front, from the list that
-    torch's own step() checks, because torch checks only in the first step()."""
+    """Whether AdamW may use its fused kernel: every parameter a float on a device that has one in this
+    torch (MPS's came after 2.4). Decided up front: torch itself checks only in the first step()."""
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # private, hence the fallback
         devices = _get_fused_kernels_supported_devices()
@@ -874,9 +869,8 @@ def use_fused_adamw(params):
 
 
 def check_training_dtype(dtype, device):
-    """float16 training on MPS is refused: autocast there is missing in torch 2.4, the GradScaler's
-    unscale_ fails in 2.5 to 2.7 (pytorch issue 142397), and the fused MPS Adam ignored the
-    scaler's overflow flag until mid 2026, turning the weights into NaN at the first overflow."""
+    """float16 training on MPS is refused: its loss scaling has failed in torch 2.4 to 2.7 (pytorch issue
+    142397), and its fused Adam ignored the scaler's overflow flag until mid 2026 (NaN weights)."""
     require(not (device.type == "mps" and dtype == torch.float16), "--dtype float16 cannot train on Apple's "
             "MPS (its loss scaling has been broken in several torch releases): use --dtype bfloat16 or float32")
 
@@ -908,10 +902,9 @@ def attention_forced(kind):
 
 
 def use_fused_attention(q):
-    """Which attention CausalSelfAttention runs: the fused kernel, except in two cases. On MPS in
-    half precision, its is_causal kernel has let tokens see the future (pytorch issue 195910).
-    Training in bfloat16 on a CPU with a context up to 512, PyTorch's fused kernel is slow to
-    differentiate: the written-out version's step is faster there (1.6x at the defaults: docs/speed.md)."""
+    """Which attention CausalSelfAttention runs: the fused kernel, but for two cases. On MPS in half
+    precision, its is_causal kernel has let tokens see the future (pytorch issue 195910). Training in
+    bfloat16 on a CPU up to context 512, the written-out step is faster (1.6x at the defaults)."""
     if forced_attention is not None:
         return forced_attention == "fused"
     if q.device.type == "mps":
@@ -929,9 +922,8 @@ def kv_cache_dtype(k):
 
 @contextlib.contextmanager
 def one_row_matmuls(idx):
-    """Around a forward pass over idx (B, T): with T = 1 on a CPU (a new token, sampling with a KV
-    cache) every matmul is a vector-matrix product, for which PyTorch's own kernel beats oneDNN,
-    whose setup costs more than such a product; for matrices, oneDNN is the fast one."""
+    """Around a forward pass over idx (B, T): with T = 1 on a CPU (a new token) every matmul is a
+    vector-matrix product, where PyTorch's own kernel beats oneDNN's (whose setup costs more)."""
     previous = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = previous and not (idx.size(1) == 1 and idx.device.type == "cpu")
     try:
@@ -941,9 +933,8 @@ def one_row_matmuls(idx):
 
 
 def rope_for(model, start, T):
-    """RoPE's cos and sin (section 4) for positions start .. start + T - 1, each (T, hs/2). Those of
-    all block_size positions are computed once per device and kept with the model, outside its
-    state: checkpoints hold no angles."""
+    """RoPE's cos and sin (section 4) for positions start .. start + T - 1, each (T, hs/2), computed
+    once per device for all block_size positions and kept with the model, outside its state."""
     weight = model.transformer.wte.weight
     key = (weight.device, torch.promote_types(weight.dtype, torch.float32))  # float32, or float64 for a float64 model
     cache = model.__dict__.setdefault("rope_cache", {})
@@ -967,9 +958,8 @@ def timed(step, repeats, device, warmup=1):
 
 
 def flops_per_token(model):
-    """Floating-point operations to train on one token (PaLM, appendix B; nanoGPT): 6 per
-    parameter, 2 forward and 4 backward (a weight's multiply-add, then the gradients of its input
-    and of itself), but for the position embedding, a lookup; plus attention's 12 * L * T * C."""
+    """FLOPs to train on one token (PaLM, appendix B): 6 per parameter (2 forward, 4 backward) but for
+    the position embedding, a lookup; plus attention's 12 * L * T * C."""
     c = model.config
     n_matmul = model.num_parameters() - (model.transformer.wpe.weight.numel() if c.pos == "learned" else 0)
     return 6 * n_matmul + 12 * c.n_layer * c.block_size * c.n_embd
@@ -995,8 +985,7 @@ def published_peak_flops(card):
 
 def measure_peak_flops(device, dtype):
     """The FLOP/s the hardware could reach in dtype, for the MFU: on a listed GPU in 16 bits its
-    published peak; otherwise the best of a few large matmuls, what a training step mostly does
-    (8192 wide on a GPU, so that launching them costs little next to computing them)."""
+    published peak; otherwise the best of a few large matmuls (what a training step mostly does)."""
     if device.type == "cuda" and dtype != torch.float32 and published_peak_flops(torch.cuda.get_device_name(device)):
         return published_peak_flops(torch.cuda.get_device_name(device))
     n = {"cpu": 1024, "mps": 2048}.get(device.type, 8192)
@@ -1006,8 +995,7 @@ def measure_peak_flops(device, dtype):
 
 
 def mfu(flops_per_second, peak):
-    """Model FLOPs utilisation: the share of the peak that the model's FLOPs used. Never above 1:
-    a model that did better than the peak shows the peak was too low (a probe can be)."""
+    """Model FLOPs utilisation: the share of the peak used; never above 1 (a probe's peak can be low)."""
     return flops_per_second / max(peak, flops_per_second)
 
 
@@ -1074,10 +1062,9 @@ SAFE_CUT = re.compile(r"\S[ \t\n\r]")  # a non-whitespace character, then whites
 
 
 class TokenFile:
-    """The ids of a token file, or of a part of it, as split_data and get_batch (section 3) use a
-    tensor: len(), a slice (another TokenFile, nothing read), and a (B, T+1) tensor of positions,
-    each row consecutive -> those ids, int64, read from the file then (the page cache holds the
-    rest: the process's memory does not grow with the file)."""
+    """A token file's ids as split_data and get_batch (section 3) use a tensor: len(), a slice (nothing
+    read), and positions (B, T+1) -> those ids, int64, read from the file only then (the page cache
+    holds the rest: the process's memory does not grow with the file)."""
 
     def __init__(self, path, start, length, dtype):
         self.path, self.start, self.length, self.dtype = path, start, length, dtype  # start: in bytes
@@ -1162,10 +1149,9 @@ def text_chunks(path, progress=lambda done: None):
 
 
 def encode_chunk(tokenizer, text, lookup, typecode, pool):
-    """text -> the bytes of its token ids, each an array typecode ("H": uint16, "I": uint32).
-    Characters: each one's code point looked up in lookup (code point -> id). BPE: tiktoken, in
-    pool's threads, on pieces of about PREPARE_PIECE_CHARS cut at last_cut; each thread turns its
-    list of ids into an array at once (2 or 4 bytes an id, where a list of ints takes about 36)."""
+    """text -> the bytes of its ids, as array typecode ("H": uint16, "I": uint32). Characters: lookup
+    (code point -> id). BPE: tiktoken in pool's threads, on pieces of about PREPARE_PIECE_CHARS cut at
+    last_cut, each made an array at once (2 or 4 bytes an id, where a list of ints takes about 36)."""
     if tokenizer.kind == "char":
         ids = lookup[torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32).long()]  # (n,)
         data = bytearray(len(ids) * array.array(typecode).itemsize)
@@ -1445,10 +1431,9 @@ def load_gpt2(name_or_path, dropout=0.0, block_size=None):
 
 
 def with_block_size(config, state, block_size, source):
-    """A model's config and weights with its context changed to block_size (None: unchanged). A
-    shorter context keeps the first block_size learned positions. A longer one needs RoPE, whose
-    positions are rotations that any position has: a learned wpe has no vector for a position it
-    never saw."""
+    """A model's config and weights with its context changed to block_size (None: unchanged). A shorter
+    one keeps the first block_size learned positions. A longer one needs RoPE, whose rotations exist
+    for any position: a learned wpe has no vector for a position it never saw."""
     old = config.block_size
     if block_size is None or block_size == old:
         return config, state
@@ -1589,10 +1574,9 @@ SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "pos")  # TrainConfi
 
 
 def model_source(cfg, text, resume, data_tokenizer):
-    """-> (tokenizer, GPTConfig, weights or None). The shape and the tokenizer come from the
-    checkpoint being resumed, from --init-from, or from the flags and the data; a flag may repeat
-    a checkpoint's shape but not change it (but for --init-from's --block-size). data_tokenizer:
-    a token file's, which must then be the model's."""
+    """-> (tokenizer, GPTConfig, weights or None), from the checkpoint resumed, from --init-from, or from
+    the flags and the data. A flag may repeat a checkpoint's shape, not change it (but for --init-from's
+    --block-size). data_tokenizer: a token file's, which must then be the model's."""
     weights, source = None, None
     if resume is not None or (cfg.init_from is not None and Path(cfg.init_from).suffix == ".pt"):
         checkpoint = resume if resume is not None else load_checkpoint(cfg.init_from)
@@ -2294,10 +2278,9 @@ def bench_sampling(model, device, dtypes, cfg, out):
 
 @contextlib.contextmanager
 def memory_bounded(device):
-    """On a Linux CPU, cap this process's address space at what it has plus 80% of the memory
-    still available, so that a step too big for the machine fails with an error rather than
-    making the system kill the process (or swap for minutes). Elsewhere nothing to do: CUDA
-    reports its own out-of-memory error."""
+    """On a Linux CPU, cap this process's address space at what it has plus 80% of the memory still
+    available: a step too big for the machine fails with an error rather than being killed by the
+    system (or swapping for minutes). CUDA reports its own out-of-memory error."""
     meminfo, status = Path("/proc/meminfo"), Path("/proc/self/status")
     available = re.search(r"MemAvailable:\s+(\d+)", meminfo.read_text()) if meminfo.exists() else None
     in_use = re.search(r"VmSize:\s+(\d+)", status.read_text()) if status.exists() else None
