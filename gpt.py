@@ -522,7 +522,7 @@ def train(cfg, resume_checkpoint=None):
             # Collective: now and then logs the loss, the speed and the ETA; stops on a NaN; True
             # once a stop was asked for (Ctrl-C or SIGTERM), then every process stops here.
             if run.after_step(loss, lr, stop_requested):
-                return run.stop()  # collective: saves last.pt
+                return run.finish(interrupted=True)  # collective: saves last.pt
         if not run.evaluated_at(run.step):
             run.evaluate_and_save(evaluate)
     return run.finish()
@@ -1880,20 +1880,18 @@ class TrainingRun:
         log(f"--max-minutes {cfg.max_minutes:g}: {steps:,} steps fit ({step_seconds * 1000:,.0f} ms a step, "
             f"{self.eval_seconds:.1f} s an evaluation); training as with --max-iters {steps}")
 
-    def stop(self):
-        """Collective: save last.pt, leave the process group."""
-        self.save(self.out_dir / "last.pt")
-        log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. Continue with: "
-            f"python gpt.py train --resume --out-dir {self.out_dir}")
-        return self.finish(interrupted=True)
-
-    def finish(self, interrupted=False):  # leave the process group; -> train()'s result
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        if not interrupted:
+    def finish(self, interrupted=False):
+        """Collective (interrupted, it saves last.pt). Leave the process group; -> train()'s result."""
+        if interrupted:
+            self.save(self.out_dir / "last.pt")
+            log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. Continue with: "
+                f"python gpt.py train --resume --out-dir {self.out_dir}")
+        else:
             log(f"done: {self.step} steps in {duration(time.perf_counter() - self.started)}; best val loss "
                 f"{self.best_val:.4f}, saved in {self.out_dir / 'ckpt.pt'}; sample with: python gpt.py sample "
                 f"--out-dir {self.out_dir}")
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return {"step": self.step, "best_val_loss": self.best_val, "history": self.history, "interrupted": interrupted}
 
 
