@@ -27,7 +27,7 @@ say what happens there. A first reading can take Tq = Tk, kv_cache None, float32
 and skip RoPE, the fused attention's branches and section 6's KVCache and sample_with_kv_cache.
 
 Shapes are written in comments with these letters:
-    B  batch size (how many sequences at once)     T  time (tokens in a sequence)
+    B  batch size (how many sequences at once)     T  time: tokens in a sequence (Tq of queries, Tk of keys)
     C  channels (n_embd, the width of the model)   V  vocabulary size
     nh number of attention heads                   hs head size (C // nh)
     L  number of layers (blocks)
@@ -142,14 +142,14 @@ class BPETokenizer:
 
 def split_data(data, block_size):
     """Token ids (N,) -> (train, val): the first 90% and the last 10%, both still (N',) ids."""
-    n_train = int(0.9 * len(data))  # 90/10, as nanoGPT splits its Shakespeare (input.txt: eight other plays)
+    n_train = int(0.9 * len(data))  # 90/10 as nanoGPT splits Shakespeare (input.txt: eight plays, val the last's end)
     check_long_enough(len(data), len(data) - n_train, block_size)  # each split holds a window: section 9
     return data[:n_train], data[n_train:]  # (0.9 N,), (0.1 N,)
 
 
 def get_batch(data, block_size, batch_size, generator):
     """batch_size random windows of data -> inputs x and targets y, both (B, T); y is x shifted by one."""
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,), each < N - T
     windows = data[starts[:, None] + torch.arange(block_size + 1)]  # (B, 1) + (T+1,) -> (B, T+1)
     return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
 
@@ -174,11 +174,11 @@ def causal_mask(Tq, Tk, dtype, device):
     """The causal mask, (Tq, Tk), added to the scores. The target at position t is the input at
     t + 1: a position that could look ahead would copy its answer instead of predicting it (and
     when sampling, the future does not exist yet). So the query at position t sees keys 0..t
-    only: the mask adds 0 there and -inf on the future, whose weight becomes exp(-inf) = 0.
-    The queries are the last Tq of Tk positions (Tq = Tk in training):
-        training, Tq = Tk = 3:   [0 -inf -inf]      2 new queries, 3 cached keys (Tk = 5):   [0 0 0 0 -inf]
-                                 [0    0 -inf]                                           [0 0 0 0    0]
-                                 [0    0    0]
+    only: the mask adds 0 there and -inf on the future, whose weight becomes exp(-inf) = 0. The
+    queries are the last Tq of Tk positions. Left, training: Tq = Tk = 3. Right: 2 new after 3 cached (Tk = 5).
+        [0 -inf -inf]        [0 0 0 0 -inf]
+        [0    0 -inf]        [0 0 0 0    0]
+        [0    0    0]
     (Built from comparisons of positions: torch.triu of -inf has given NaN on Apple's GPUs.)"""
     query_positions = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
     future = torch.arange(Tk, device=device) > query_positions  # (Tk,) > (Tq, 1) -> (Tq, Tk)
@@ -219,8 +219,8 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
 
 # RoPE, rotary position embeddings (Su et al. 2021, RoFormer; pos="rope", where GPT-2 learns wpe),
 # is what most models since GPT-2 use. Read each pair of channels (x_j, x_{j + hs/2}) of a query
-# or a key as a complex number z_j. At position m, RoPE multiplies z_j by e^{i m theta_j}, a
-# rotation (lengths kept). A score is Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j})
+# or a key as a complex number q_j or k_j. At position m, RoPE multiplies it by e^{i m theta_j}, a
+# rotation (lengths kept). The score q . k is then Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j})
 #   = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}   (z = a + ib, w = c + id: Re(z conj(w)) = ac + bd)
 # The positions enter only through m - n, how far apart the two tokens are. The paper pairs
 # neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do: a fixed
@@ -274,8 +274,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-        # The fused kernel, unless it is slower or wrong where it would run (section 8). A KV cache on a
-        # CPU is float32 even for a bfloat16 model (faster): q meets k, v in float32, y goes back to q's.
+        # The fused kernel, unless it is slower or wrong here (section 8). In float32 both .to() do nothing;
+        # a CPU's KV cache is float32 even for a bfloat16 model (faster): q meets it there, y returns to q's.
         attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
         y = attention(q.to(k.dtype), k, v, self.dropout if self.training else 0.0).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
@@ -344,7 +344,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # (V, C)
 
         # GPT-2's initialisation: weights drawn with std 0.02 as in OpenAI's code (which draws wpe
-        # with 0.01; like nanoGPT we use 0.02), biases zero, LayerNorms the identity. The paper
+        # with 0.01; like nanoGPT we use 0.02), biases zero, LayerNorms the identity (PyTorch's defaults). The paper
         # (sec. 2.3), not its code, also scales the layers that write into the residual stream by
         # 1/sqrt(N), N the number of such layers: two c_proj per block, so N = 2 * n_layer
         # (nanoGPT's reading). This keeps the stream's variance from growing with depth.
@@ -441,7 +441,7 @@ def train_step(model, optimizer, scaler, next_batch, micro_batches, autocast_ctx
         x, y = next_batch()
         # With several processes, DDP averages the gradients across them once per step: during the
         # last micro-batch's backward pass (section 12).
-        with gradients_averaged(model, now=i == micro_batches - 1):
+        with gradients_averaged(model, now=(i == micro_batches - 1)):
             with autocast_ctx:
                 _, loss = model(x, y)
             scaler.scale(loss / micro_batches).backward()  # backward adds into .grad: the sum of means / n is the mean
@@ -492,7 +492,7 @@ def train(cfg, resume_checkpoint=None):
         x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, batch_rng)
         return to_device(x, device), to_device(y, device)  # section 7
 
-    def evaluation_batches(data, seed, split):  # the same windows at every evaluation, apart from training's
+    def evaluation_batches(data, seed, split):  # the same windows at every evaluation, drawn separately from training's
         generator = torch.Generator().manual_seed(seed)
         for _ in Progress(f"evaluating the {split} loss", cfg.eval_iters):  # a long one logs (start of Part II)
             x, y = get_batch(data, cfg.block_size, cfg.batch_size, generator)
@@ -503,7 +503,7 @@ def train(cfg, resume_checkpoint=None):
         val_loss = estimate_loss(model, evaluation_batches(val_data, cfg.seed + 2, "val"), run.autocast_ctx)
         return {"train": train_loss.item(), "val": val_loss.item()}
 
-    # One process: share_of(next_batch) is next_batch, micro_batches is grad_accum. N processes
+    # share_of(f): with one process, f itself, and micro_batches is grad_accum. With N processes
     # (torchrun, section 12): each keeps every N-th micro-batch of a step (micro_batches is its
     # share) and DDP averages their gradients. With --compile, the model is compiled.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
@@ -626,7 +626,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
                     generator=None):
     """Yield max_new_tokens new token ids, each (B, 1) on the CPU, one at a time. While the text fits
-    in block_size both loops draw the same tokens for a float64 model; rounding can change one."""
+    in block_size both loops draw the same tokens for a float64 model; in float32 rounding can change one."""
     check_sampling_settings(temperature, top_k, top_p, prompt=idx)  # one clear error for a bad value: section 13
 
     def draw(logits):  # (B, V) -> (B, 1)
