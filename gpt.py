@@ -24,7 +24,7 @@ Part I, the GPT, is the code that runs; read it first. It takes a token to logit
 
 Part II (sections 7 to 16) makes it fast, safe and usable; Part I calls into it by names that
 say what happens there. A first reading can take Tq = Tk, kv_cache None, float32, one process,
-and skip RoPE, the fused attention's branches and section 6's KVCache and sample_with_kv_cache.
+and skip RoPE, causal_attention_fused (the same maths in one call), KVCache and sample_with_kv_cache.
 
 Shapes are written in comments with these letters:
     B  batch size (how many sequences at once)     T  time: tokens in a sequence (Tq of queries, Tk of keys)
@@ -142,7 +142,7 @@ class BPETokenizer:
 
 def split_data(data, block_size):
     """Token ids (N,) -> (train, val): the first 90% and the last 10%, both still (N',) ids."""
-    n_train = int(0.9 * len(data))  # 90/10 as nanoGPT splits Shakespeare (input.txt: eight plays, val the last's end)
+    n_train = int(0.9 * len(data))  # 90/10, as nanoGPT (input.txt: eight plays; val: the last play's end)
     check_long_enough(len(data), len(data) - n_train, block_size)  # each split holds a window: section 9
     return data[:n_train], data[n_train:]  # (0.9 N,), (0.1 N,)
 
@@ -275,7 +275,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
         # The fused kernel, unless it is slower or wrong here (section 8). In float32 both .to() do nothing;
-        # a CPU's KV cache is float32 even for a bfloat16 model (faster): q meets it there, y returns to q's.
+        # a bfloat16 model on a CPU keeps a float32 KV cache (faster): q is cast to it, y cast back.
         attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
         y = attention(q.to(k.dtype), k, v, self.dropout if self.training else 0.0).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
@@ -439,8 +439,8 @@ def train_step(model, optimizer, scaler, next_batch, micro_batches, autocast_ctx
     total = 0.0
     for i in range(micro_batches):
         x, y = next_batch()
-        # With several processes, DDP averages the gradients across them once per step: during the
-        # last micro-batch's backward pass (section 12).
+        # One process: nothing. With several, DDP averages the gradients across them once per step,
+        # during the last micro-batch's backward pass (section 12).
         with gradients_averaged(model, now=(i == micro_batches - 1)):
             with autocast_ctx:
                 _, loss = model(x, y)
@@ -480,7 +480,7 @@ def train(cfg, resume_checkpoint=None):
     train_data, val_data = split_data(run.tokens, cfg.block_size)
 
     # The model: GPT-2's initialisation drawn from the seed, or the weights of --init-from (GPT-2's
-    # or a checkpoint's) or of a resumed run; run.config is theirs, else the flags' and the tokenizer's.
+    # or a checkpoint's) or of a resumed run. run.config, a GPTConfig: theirs, else the flags' and tokenizer's.
     torch.manual_seed(cfg.seed)
     model = GPT(run.config) if run.weights is None else model_with_weights(run.config, run.weights)  # section 11
     model.to(device)
@@ -503,9 +503,9 @@ def train(cfg, resume_checkpoint=None):
         val_loss = estimate_loss(model, evaluation_batches(val_data, cfg.seed + 2, "val"), run.autocast_ctx)
         return {"train": train_loss.item(), "val": val_loss.item()}
 
-    # share_of(f): with one process, f itself, and micro_batches is grad_accum. With N processes
-    # (torchrun, section 12): each keeps every N-th micro-batch of a step (micro_batches is its
-    # share) and DDP averages their gradients. With --compile, the model is compiled.
+    # One process: micro_batches is grad_accum, and share_of(f), used below, is f itself. N processes
+    # (torchrun, section 12) all draw every micro-batch of a step (their generators stay in step), each
+    # keeps every N-th (micro_batches is its share), and DDP averages the gradients. --compile compiles.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
@@ -604,8 +604,8 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     computed looking at the token that would leave, and learned positions are absolute. So a
     full cache keeps the newest half of the context, computed again in one pass at
     positions 0, 1, ...: past block_size the model sees block_size / 2 to block_size tokens, where
-    the simple loop sees block_size; both are correct. (Keeping all but one would refill at every
-    token: the simple loop again.) With block_size 4 and the prompt "ab": a b draw c; c draws d;
+    the simple loop sees block_size; both are valid, as training saw every context length up to
+    block_size. (Keeping all but one refills at every token.) block_size 4, prompt "ab": ab draws c; c draws d;
     d draws e and the cache is full; so "de" goes in at 0 and 1, and draws f."""
     block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
