@@ -219,9 +219,9 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
 
 # RoPE, rotary position embeddings (Su et al. 2021, RoFormer; pos="rope", where GPT-2 learns wpe),
 # is what most models since GPT-2 use. Read each pair of channels (x_j, x_{j + hs/2}) of a query
-# or a key as a complex number q_j or k_j. At position m, RoPE multiplies it by e^{i m theta_j}, a
-# rotation (lengths kept). The score q . k is then Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j})
-#   = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}   (z = a + ib, w = c + id: Re(z conj(w)) = ac + bd)
+# or a key as a complex number q_j or k_j: then q . k = Re sum_j q_j conj(k_j), as Re((a + ib) conj(c + id))
+# = ac + bd. At position m, RoPE multiplies q_j by e^{i m theta_j}, a rotation (lengths kept), so a score is
+#   Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j}) = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}
 # The positions enter only through m - n, how far apart the two tokens are. The paper pairs
 # neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do: a fixed
 # permutation of the channels, the same for q and k, which a dot product does not see.
@@ -251,8 +251,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         # c_attn computes q, k and v for all heads in one matmul: C -> 3C. ("c_": GPT-2's code
-        # computes its linear layers as 1-wide convolutions, "Conv1D": a Linear's computation,
-        # with the weight stored transposed, as section 11 explains.)
+        # computes its linear layers as 1-wide convolutions, "Conv1D": a Linear whose checkpoint holds
+        # the weight transposed, which section 11 undoes.)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # c_proj mixes the heads' outputs back into the residual stream: C -> C.
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -275,7 +275,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
         # The fused kernel, unless it is slower or wrong here (section 8). In float32 both .to() do nothing;
-        # a bfloat16 model on a CPU keeps a float32 KV cache (faster): q is cast to it, y cast back.
+        # a bfloat16 model on a CPU keeps a float32 KV cache (section 8: faster): q is cast to it, y back.
         attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
         y = attention(q.to(k.dtype), k, v, self.dropout if self.training else 0.0).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
@@ -330,7 +330,7 @@ class GPT(nn.Module):
         # GPT-2's layers, in its order and names: the "word token embedding" (id -> vector), the
         # "word position embedding" (position -> vector; none with RoPE), the "hidden" blocks and a
         # final LayerNorm.
-        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))  # more below
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.transformer.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
@@ -408,7 +408,7 @@ def learning_rate(step, cfg):
     the Adaptive Learning Rate and Beyond"); step s of the warm-up uses lr * (s + 1) / warmup_iters."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters  # None: the decay ends at max_iters
     if step >= decay_iters:
         return cfg.min_lr
     progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)  # 0 -> 1
@@ -503,9 +503,9 @@ def train(cfg, resume_checkpoint=None):
         val_loss = estimate_loss(model, evaluation_batches(val_data, cfg.seed + 2, "val"), run.autocast_ctx)
         return {"train": train_loss.item(), "val": val_loss.item()}
 
-    # One process: micro_batches is grad_accum, and share_of(f), used below, is f itself. N processes
-    # (torchrun, section 12) all draw every micro-batch of a step (their generators stay in step), each
-    # keeps every N-th (micro_batches is its share), and DDP averages the gradients. --compile compiles.
+    # training_model: model (the same weights), compiled with --compile, DDP-wrapped with N processes
+    # (torchrun, section 12), which each keep every N-th micro-batch of a step (micro_batches is their
+    # share) and average the gradients. One process: micro_batches = grad_accum, share_of(f) is f.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
@@ -601,11 +601,11 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     """The same loop with a KV cache: the prompt in one pass, then one new position per token.
 
     A full cache cannot slide by one token: every stored key and value above the first layer was
-    computed looking at the token that would leave, and learned positions are absolute. So a
-    full cache keeps the newest half of the context, computed again in one pass at
-    positions 0, 1, ...: past block_size the model sees block_size / 2 to block_size tokens, where
-    the simple loop sees block_size; both are valid, as training saw every context length up to
-    block_size. (Keeping all but one refills at every token.) block_size 4, prompt "ab": ab draws c; c draws d;
+    computed looking at the token that would leave, and learned positions are absolute. So a full
+    cache keeps the newest half of the context, computed again in one pass at positions 0, 1, ...:
+    past block_size the model sees block_size / 2 to block_size tokens, where the simple loop sees
+    block_size; both are valid, as training saw every context length up to block_size. (Keeping
+    block_size - 1 would refill at every token.) block_size 4, prompt "ab": ab draws c; c draws d;
     d draws e and the cache is full; so "de" goes in at 0 and 1, and draws f."""
     block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
