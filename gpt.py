@@ -175,7 +175,7 @@ def causal_mask(Tq, Tk, dtype, device):
     t + 1: a position that could look ahead would copy its answer instead of predicting it (and
     when sampling, the future does not exist yet). So the query at position t sees keys 0..t
     only: the mask adds 0 there and -inf on the future, whose weight becomes exp(-inf) = 0. The
-    queries are the last Tq of Tk positions. Left, training: Tq = Tk = 3. Right: 2 new after 3 cached (Tk = 5).
+    queries are the last Tq of Tk positions. Left, training: Tq = Tk = 3. Right: queries 3, 4 after 3 cached (Tk = 5).
         [0 -inf -inf]        [0 0 0 0 -inf]
         [0    0 -inf]        [0 0 0 0    0]
         [0    0    0]
@@ -213,7 +213,7 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
     if Tq == 1:  # one new token with a KV cache: every earlier position is its past, nothing to mask
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
     # Several new tokens after cached ones (gpt.py's sampler never asks for this; a caller may):
-    # is_causal aligns its mask to the top-left corner, wrong when Tq < Tk.
+    # is_causal aligns its mask to the top-left corner (query i sees keys 0..i), wrong when Tq < Tk.
     return causal_attention_written_out(q, k, v, dropout_p)
 
 
@@ -274,7 +274,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-        # The fused kernel, unless it is slower or wrong here (section 8). In float32 both .to() do nothing;
+        # The fused kernel, unless it is slower or wrong here (section 8). Without a cache both .to() do nothing;
         # a bfloat16 model on a CPU keeps a float32 KV cache (section 8: faster): q is cast to it, y back.
         attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
         y = attention(q.to(k.dtype), k, v, self.dropout if self.training else 0.0).to(q.dtype)  # (B, nh, T, hs)
@@ -431,7 +431,7 @@ def train_step(model, optimizer, scaler, next_batch, micro_batches, autocast_ctx
     (reading its value makes the CPU wait for a GPU: the run reads it only to log). Accumulating
     the gradients of several micro-batches gives the step of a batch larger than fits in memory.
 
-    In float32 the scaler is disabled and passes through: loss.backward(), clip, optimizer.step().
+    In float32 the scaler is off: scale and unscale_ do nothing, step is optimizer.step(), update nothing.
     Mixed precision (section 7): autocast_ctx runs the matmuls in bfloat16 or float16. In float16
     small gradients would round to zero, so the scaler multiplies the loss by a large factor
     before backward, unscale_ divides the gradients back before clipping (which must see their
@@ -504,8 +504,8 @@ def train(cfg, resume_checkpoint=None):
         return {"train": train_loss.item(), "val": val_loss.item()}
 
     # training_model: model (the same weights), compiled with --compile, DDP-wrapped with N processes
-    # (torchrun, section 12), which each keep every N-th micro-batch of a step (micro_batches is their
-    # share) and average the gradients. One process: micro_batches = grad_accum, share_of(f) is f.
+    # (torchrun, section 12), which each keep every N-th micro-batch (micro_batches is their share) and
+    # average the gradients. One process: micro_batches = grad_accum, share_of(next_batch) is next_batch.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
@@ -600,8 +600,8 @@ class KVCache:
 def sample_with_kv_cache(model, context, max_new_tokens, draw):
     """The same loop with a KV cache: the prompt in one pass, then one new position per token.
 
-    A full cache cannot slide by one token: every stored key and value above the first layer was
-    computed looking at the token that would leave, and learned positions are absolute. So a full
+    A full cache cannot slide by one token: every stored key and value in layers 2 and up was
+    computed looking at the token that would slide out, and learned positions are absolute. So a full
     cache keeps the newest half of the context, computed again in one pass at positions 0, 1, ...:
     past block_size the model sees block_size / 2 to block_size tokens, where the simple loop sees
     block_size; both are valid, as training saw every context length up to block_size. (Keeping
