@@ -175,7 +175,7 @@ def causal_mask(Tq, Tk, dtype, device):
     t + 1: a position that could look ahead would copy its answer instead of predicting it (and
     when sampling, the future does not exist yet). So the query at position t sees keys 0..t
     only: the mask adds 0 there and -inf on the future, whose weight becomes exp(-inf) = 0. The
-    queries are the last Tq of Tk positions. Left, training: Tq = Tk = 3. Right: queries 3, 4 after 3 cached (Tk = 5).
+    queries are the last Tq of Tk positions. Left, training: Tq = Tk = 3. Right: Tq = 2, positions 3, 4 (Tk = 5).
         [0 -inf -inf]        [0 0 0 0 -inf]
         [0    0 -inf]        [0 0 0 0    0]
         [0    0    0]
@@ -274,8 +274,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-        # The fused kernel, unless it is slower or wrong here (section 8). Without a cache both .to() do nothing;
-        # a bfloat16 model on a CPU keeps a float32 KV cache (section 8: faster): q is cast to it, y back.
+        # The fused kernel, unless it is slower or wrong here (section 8). Without a cache q.to(k.dtype) and
+        # .to(q.dtype) do nothing; a bfloat16 model on a CPU keeps a float32 KV cache: q is cast to it, y back.
         attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
         y = attention(q.to(k.dtype), k, v, self.dropout if self.training else 0.0).to(q.dtype)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
@@ -329,8 +329,8 @@ class GPT(nn.Module):
         self.config = config
         # GPT-2's layers, in its order and names: the "word token embedding" (id -> vector), the
         # "word position embedding" (position -> vector; none with RoPE), the "hidden" blocks and a
-        # final LayerNorm.
-        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))  # more below
+        # final LayerNorm: entries of one ModuleDict (those after wte set below, as attributes).
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.transformer.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
@@ -431,7 +431,7 @@ def train_step(model, optimizer, scaler, next_batch, micro_batches, autocast_ctx
     (reading its value makes the CPU wait for a GPU: the run reads it only to log). Accumulating
     the gradients of several micro-batches gives the step of a batch larger than fits in memory.
 
-    In float32 the scaler is off: scale and unscale_ do nothing, step is optimizer.step(), update nothing.
+    In float32 autocast_ctx and the scaler do nothing (scaler.step is optimizer.step()).
     Mixed precision (section 7): autocast_ctx runs the matmuls in bfloat16 or float16. In float16
     small gradients would round to zero, so the scaler multiplies the loss by a large factor
     before backward, unscale_ divides the gradients back before clipping (which must see their
@@ -504,7 +504,7 @@ def train(cfg, resume_checkpoint=None):
         return {"train": train_loss.item(), "val": val_loss.item()}
 
     # training_model: model (the same weights), compiled with --compile, DDP-wrapped with N processes
-    # (torchrun, section 12), which each keep every N-th micro-batch (micro_batches is their share) and
+    # (torchrun, section 12), which each keep every N-th micro-batch of the same draws and
     # average the gradients. One process: micro_batches = grad_accum, share_of(next_batch) is next_batch.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
@@ -554,7 +554,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         # A token is in the nucleus if the tokens more likely than it add up to less than top_p (so
         # the most likely token always is): probs .5 .3 .2 and top_p .7 keep .5 and .3 (.5 < .7).
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V), in vocabulary order
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V): each back at its id
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
     return checked_draw(next_ids, probs)  # never an id outside the vocabulary or of probability 0: section 13
 
@@ -600,7 +600,7 @@ class KVCache:
 def sample_with_kv_cache(model, context, max_new_tokens, draw):
     """The same loop with a KV cache: the prompt in one pass, then one new position per token.
 
-    A full cache cannot slide by one token: every stored key and value in layers 2 and up was
+    A full cache cannot slide by one token: every stored key and value after the first layer was
     computed looking at the token that would slide out, and learned positions are absolute. So a full
     cache keeps the newest half of the context, computed again in one pass at positions 0, 1, ...:
     past block_size the model sees block_size / 2 to block_size tokens, where the simple loop sees
