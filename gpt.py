@@ -1219,17 +1219,11 @@ def prepare(cfg):
 # GPTConfig as a dict), tokenizer ({"kind": "char", "chars": ...} or {"kind": "bpe"}), step,
 # loss (the last step's), best_val_loss, history (every evaluation), optimizer_state (and
 # scaler_state for float16), train_args (every setting) and rng (every random generator's state;
-# rng_by_rank with several processes). Saves are atomic (write_atomically). Files are loaded with
-# weights_only=True: tensors and plain data, never code, so a checkpoint from a stranger cannot
-# run anything.
+# rng_by_rank with several processes). Saves are atomic (write_atomically); loads are data only
+# (weights_only=True: tensors and plain data, never code, so a stranger's checkpoint runs nothing).
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("format", "model_state", "config", "tokenizer", "step", "loss")
-
-
-def save_checkpoint(checkpoint, path, also=None):
-    """Write checkpoint to path atomically; with `also`, the same file under a second name too."""
-    write_atomically(path, lambda f: torch.save(checkpoint, f), also)
 
 
 def load_checkpoint(path):
@@ -1306,10 +1300,9 @@ def read_safetensors(path):
     except (OSError, ValueError) as e:
         raise GPTError(f"cannot read {str(path)!r} as a safetensors file ({e})".splitlines()[0]) from None
     require(isinstance(header, dict), f"{path} is not a safetensors file: it does not start with a JSON header")
+    header.pop("__metadata__", None)  # the file's own notes, not a tensor
     tensors = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         try:
             dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
             count = math.prod(shape)
@@ -1471,12 +1464,9 @@ def gpt2_bpe_encoding():
 
 # ---- 12. Training runs -----------------------------------------------------------------------
 #
-# train() (section 5) is the run; a TrainingRun is the engineering around it. Before anything
-# is written it checks every input: the flags, the data, a checkpoint to resume and whether its
-# shape and tokenizer agree with the flags, the out-dir. Then it saves (ckpt.pt: the weights
-# with the best val loss; last.pt: the latest state, which --resume continues; loss.svg), logs
-# tokens/s, MFU and an ETA, stops on a NaN, and on Ctrl-C finishes the step and saves. Each
-# field of TrainConfig is a command-line flag, its help text beside its default (option()).
+# A TrainingRun is the engineering around train()'s loop (section 5). It saves ckpt.pt (the weights
+# with the best val loss), last.pt (the latest state, which --resume continues) and loss.svg, and
+# logs tokens/s, MFU and an ETA. Each field of TrainConfig is a flag, its help beside its default.
 
 def check_model_config(config):
     """GPTConfig's check (section 1): a clear error for a shape no model can have."""
@@ -1593,11 +1583,10 @@ def model_source(cfg, text, resume, data_tokenizer):
     if cfg.init_from is not None:
         config, weights = with_block_size(config, weights, cfg.block_size, source)
     if source is not None:  # the shape comes from the checkpoint (or the file): a flag may only repeat it
-        given = {"tokenizer": cfg.tokenizer, **{name: getattr(cfg, name) for name in SHAPE_FLAGS}}
-        has = {"tokenizer": tokenizer.kind, **{name: getattr(config, name) for name in given if name != "tokenizer"}}
-        for name, value in given.items():
-            require(value is None or value == has[name], f"{flag(name)} {value} does not match {source}, which "
-                    f"has {name} {has[name]}")
+        for name in ("tokenizer", *SHAPE_FLAGS):
+            value, has = getattr(cfg, name), tokenizer.kind if name == "tokenizer" else getattr(config, name)
+            require(value is None or value == has, f"{flag(name)} {value} does not match {source}, which has "
+                    f"{name} {has}")
     require(tokenizer.vocab_size == config.vocab_size, f"{source}: the model has {config.vocab_size} tokens, but "
             f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size}")
     if weights is not None:  # their names and shapes checked now, before anything is written (no memory taken)
@@ -1792,7 +1781,7 @@ class TrainingRun:
         """Collective. Rank 0 writes the run's state to path (and also)."""
         state = self.state()
         if process_rank() == 0:
-            save_checkpoint(state, path, also)
+            write_atomically(path, lambda f: torch.save(state, f), also)
 
     def mean_loss(self, loss):  # collective: a step's loss averaged over the processes' micro-batches
         return all_reduced(loss, dist.ReduceOp.SUM).item() / process_count()
@@ -1897,11 +1886,9 @@ class TrainingRun:
 
 # ---- 13. Sampling runs -----------------------------------------------------------------------
 #
-# `python gpt.py sample` loads a checkpoint (or GPT-2's weights), streams the text to stdout as
-# it is drawn, and reports tokens/s on stderr. The draw (sample_next_token, section 6) runs on
-# the CPU in float32 on every device, and every drawn id is checked before it is decoded:
-# torch.multinomial on MPS has returned out-of-range and zero-probability ids (pytorch issues
-# 92752, 98612, 192577; nanoGPT issue 458).
+# `python gpt.py sample` streams text to stdout as it is drawn, and tokens/s to stderr. Every drawn
+# id is checked before it is decoded: torch.multinomial on MPS has returned out-of-range and
+# zero-probability ids (pytorch issues 92752, 98612, 192577; nanoGPT issue 458).
 
 def check_sampling_settings(temperature, top_k, top_p, prefix="", prompt=None):
     """prefix: "--" when the values came from command-line flags; prompt: generate's idx, if given."""
@@ -2169,14 +2156,11 @@ def inspect(cfg, out=None):
 
 # ---- 15. Benchmark ---------------------------------------------------------------------------
 #
-# `python gpt.py bench` times the default model at train's default dropout on this machine:
-# training steps in float32 and in the --dtype auto format, and sampling with and without the
-# KV cache, each variant once per round, in turn, so that all see the same machine; medians.
-# `bench --contexts 256,512,...` times instead a training step of the default model's width at
-# each context, with both attentions, and the memory each adds. Attention's work grows with
-# T^2, and so does the written-out version's memory, which holds the (B, nh, T, T) weights for
-# the backward pass; the fused kernel's grows with T. A variant out of memory is not tried at
-# longer contexts.
+# `python gpt.py bench` times the default model at train's default dropout: training steps in
+# float32 and in --dtype auto's format, and sampling with and without the KV cache, each variant
+# once per round, in turn, so that all see the same machine. `bench --contexts` times both
+# attentions: their work grows with T^2, and so does the written-out one's memory, which holds the
+# (B, nh, T, T) weights for the backward pass; the fused kernel's grows with T.
 
 @dataclass
 class BenchConfig:

@@ -903,7 +903,7 @@ def test_save_load_round_trips_weights_config_tokenizer_logits_and_samples(train
     assert isinstance(checkpoint["config"], dict)
     assert tokenizer.chars == gpt.CharTokenizer.from_text(SHAKESPEARE[:20000]).chars
     # save again and load: everything identical
-    gpt.save_checkpoint(checkpoint, tmp_path / "again.pt")
+    gpt.write_atomically(tmp_path / "again.pt", lambda f: torch.save(checkpoint, f))
     again, tokenizer2 = gpt.model_from_checkpoint(gpt.load_checkpoint(tmp_path / "again.pt"))
     assert again.config == model.config and tokenizer2.chars == tokenizer.chars
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -1169,7 +1169,7 @@ def test_an_atomic_write_puts_each_file_on_disk_before_naming_it_and_names_the_s
     monkeypatch.setattr(gpt.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
                         or real_fsync(fd))
     monkeypatch.setattr(gpt.os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
-    gpt.save_checkpoint({"step": 1}, tmp_path / "ckpt.pt", also=tmp_path / "last.pt")
+    gpt.write_atomically(tmp_path / "ckpt.pt", lambda f: torch.save({"step": 1}, f), also=tmp_path / "last.pt")
     renames = []
     for name in ("ckpt.pt", "last.pt"):
         renames.append(next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(tmp_path / name)))
@@ -1269,6 +1269,7 @@ def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, 
     ("future format", ["format 99", "reads format 1"]),
     ("not a dict", ["holds a list"]),
     ("empty", ["not a readable checkpoint"]),
+    ("a folder", ["is not a file"]),
 ])
 def test_a_damaged_checkpoint_gets_an_error_naming_the_file_and_the_problem(damage, words, trained, tmp_path):
     good = (trained / "ckpt.pt").read_bytes()
@@ -1283,6 +1284,8 @@ def test_a_damaged_checkpoint_gets_an_error_naming_the_file_and_the_problem(dama
         torch.save({**torch.load(trained / "ckpt.pt", weights_only=True), "format": 99}, path)
     elif damage == "not a dict":
         torch.save([1, 2, 3], path)
+    elif damage == "a folder":
+        path.mkdir()
     else:
         path.write_bytes(b"")
     with pytest.raises(gpt.GPTError) as error:
