@@ -274,10 +274,9 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-        # The fused kernel, unless it is slower or wrong here (section 8). Without a cache q.to(k.dtype) and
-        # .to(q.dtype) do nothing; a bfloat16 model on a CPU keeps a float32 KV cache: q is cast to it, y back.
-        attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
-        y = attention(q.to(k.dtype), k, v, self.dropout if self.training else 0.0).to(q.dtype)  # (B, nh, T, hs)
+        # One of the two versions above: the fused one, unless section 8 finds it slower or wrong here.
+        attention = attention_for(q, k)  # (k: a float32 KV cache of a bfloat16 model gets q in float32, section 8)
+        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
         return F.dropout(y, self.dropout) if self.training else y  # (B, T, C)
@@ -600,13 +599,13 @@ class KVCache:
 def sample_with_kv_cache(model, context, max_new_tokens, draw):
     """The same loop with a KV cache: the prompt in one pass, then one new position per token.
 
-    A full cache cannot slide by one token: every stored key and value after the first layer was
-    computed looking at the token that would slide out, and learned positions are absolute. So a full
-    cache keeps the newest half of the context, computed again in one pass at positions 0, 1, ...:
-    past block_size the model sees block_size / 2 to block_size tokens, where the simple loop sees
-    block_size; both are valid, as training saw every context length up to block_size. (Keeping
-    block_size - 1 would refill at every token.) block_size 4, prompt "ab": ab draws c; c draws d;
-    d draws e and the cache is full; so "de" goes in at 0 and 1, and draws f."""
+    Once block_size positions are stored, the cache cannot just drop its oldest one: the keys and
+    values of every layer after the first were computed attending to that token, and a learned
+    position is absolute. So the cache starts again: the newest half of the context, computed anew
+    in one pass at positions 0, 1, ... From then on the model sees block_size / 2 to block_size
+    tokens (the simple loop: always block_size), lengths that training saw too; keeping block_size - 1
+    would start again at every token. Example, block_size 4, prompt "ab": ab draws c; c draws d; d draws
+    e, with abcd stored: full; so "de" goes in at positions 0 and 1, and draws f."""
     block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
     cache, pending = KVCache(model.config, context.size(0)), context
@@ -912,6 +911,16 @@ def use_fused_attention(q):
     if q.device.type == "cpu" and torch.is_grad_enabled():  # training on a CPU
         return q.dtype != torch.bfloat16 or q.size(-2) > 512
     return True
+
+
+def attention_for(q, k):
+    """The attention function CausalSelfAttention (section 4) calls with q, k, v and dropout_p. Where
+    the keys are in another number format than q (a float32 KV cache, below), q is cast to theirs and
+    the output back to q's."""
+    attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
+    if q.dtype == k.dtype:
+        return attention
+    return lambda q, k, v, dropout_p: attention(q.to(k.dtype), k, v, dropout_p).to(q.dtype)
 
 
 def kv_cache_dtype(k):

@@ -1982,6 +1982,12 @@ def test_attention_on_mps_is_fused_in_float32_only_and_a_cpu_trains_bfloat16_wri
     with gpt.attention_forced("fused"):
         assert gpt.use_fused_attention(q(MPS, torch.float16))
     assert gpt.use_fused_attention(q(CUDA, torch.float32))  # the choice is gpt.py's again
+    with torch.no_grad():  # attention_for gives the chosen function, and matches q to a float32 KV cache
+        assert gpt.attention_for(q(CPU, torch.float32), q(CPU, torch.float32)) is gpt.causal_attention_fused
+        x = torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)  # (B, nh, T, hs), a bfloat16 model's q
+        k = torch.randn(1, 2, 5, 4)  # (B, nh, Tk, hs): keys (and values) of a float32 cache
+        y = gpt.attention_for(x, k)(x, k, k, 0.0)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, gpt.causal_attention_written_out(x.float(), k, k).bfloat16())
 
 
 # ---------------------------------------------------------------------------------------------
