@@ -143,7 +143,7 @@ class BPETokenizer:
 def split_data(data, block_size):
     """Token ids (N,) -> (train, val): the first 90% and the last 10%, both still (N',) ids."""
     n_train = int(0.9 * len(data))  # 90/10, as nanoGPT (input.txt: eight plays; val: the last play's end)
-    check_long_enough(len(data), len(data) - n_train, block_size)  # each split holds a window: section 9
+    check_long_enough(len(data), len(data) - n_train, block_size)  # (N, N_val): each split holds a window: section 9
     return data[:n_train], data[n_train:]  # (0.9 N,), (0.1 N,)
 
 
@@ -275,7 +275,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
         # One of the two versions above: the fused one, unless section 8 finds it slower or wrong here.
-        attention = attention_for(q, k)  # (k: a float32 KV cache of a bfloat16 model gets q in float32, section 8)
+        attention = attention_for(q, k)  # (with a bfloat16 q and a float32 KV cache, it casts q to float32 and y back)
         y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
@@ -328,7 +328,7 @@ class GPT(nn.Module):
         self.config = config
         # GPT-2's layers, in its order and names: the "word token embedding" (id -> vector), the
         # "word position embedding" (position -> vector; none with RoPE), the "hidden" blocks and a
-        # final LayerNorm: entries of one ModuleDict (those after wte set below, as attributes).
+        # final LayerNorm: entries of one ModuleDict (assigning a module as an attribute adds an entry).
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
@@ -347,7 +347,7 @@ class GPT(nn.Module):
         # (sec. 2.3), not its code, also scales the layers that write into the residual stream by
         # 1/sqrt(N), N the number of such layers: two c_proj per block, so N = 2 * n_layer
         # (nanoGPT's reading). This keeps the stream's variance from growing with depth.
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # the tied (V, C) matrix once, as wte: drawn once
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
             elif name.endswith(".weight") and p.dim() == 2:  # Linear and Embedding weights
@@ -502,9 +502,9 @@ def train(cfg, resume_checkpoint=None):
         val_loss = estimate_loss(model, evaluation_batches(val_data, cfg.seed + 2, "val"), run.autocast_ctx)
         return {"train": train_loss.item(), "val": val_loss.item()}
 
-    # training_model: model (the same weights), compiled with --compile, DDP-wrapped with N processes
-    # (torchrun, section 12), which each keep every N-th micro-batch of the same draws and
-    # average the gradients. One process: micro_batches = grad_accum, share_of(next_batch) is next_batch.
+    # One process (a first reading): training_model is model, micro_batches is grad_accum, share_of(next_batch)
+    # is next_batch. With N (torchrun, section 12): every process draws each micro-batch, keeps one in N
+    # (share_of), computes grad_accum / N of them, and DDP averages the gradients (training_model).
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
@@ -602,9 +602,10 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     Once block_size positions are stored, the cache cannot just drop its oldest one: the keys and
     values of every layer after the first were computed attending to that token, and a learned
     position is absolute. So the cache starts again: the newest half of the context, computed anew
-    in one pass at positions 0, 1, ... From then on the model sees block_size / 2 to block_size
-    tokens (the simple loop: always block_size), lengths that training saw too; keeping block_size - 1
-    would start again at every token. Example, block_size 4, prompt "ab": ab draws c; c draws d; d draws
+    in one pass at positions 0, 1, ... (with block_size - 1 tokens it would be full again after one
+    token, and start again at every token). From then on the model sees block_size / 2 to block_size
+    tokens, where the simple loop always sees block_size: training saw every length up to block_size,
+    so both are contexts it knows. Example, block_size 4, prompt "ab": ab draws c; c draws d; d draws
     e, with abcd stored: full; so "de" goes in at positions 0 and 1, and draws f."""
     block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
