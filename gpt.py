@@ -847,14 +847,10 @@ def autocast(device, dtype):
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
-def non_blocking_copies(device):
-    """Whether a copy to device may return before it is done: on CUDA, overlapping the GPU's work. On
-    MPS it could read freed memory before torch 2.13 (pytorch issues 139550, 189690)."""
-    return device.type == "cuda"
-
-
 def to_device(x, device):
-    return x.to(device, non_blocking=non_blocking_copies(device))
+    """x on device. On CUDA the copy may return before it is done, overlapping the GPU's work; on MPS
+    such a copy could read freed memory before torch 2.13 (pytorch issues 139550, 189690)."""
+    return x.to(device, non_blocking=device.type == "cuda")
 
 
 def use_fused_adamw(params):
@@ -886,7 +882,7 @@ def synchronize(device):
 # Part I computes the same thing on every machine; these choices change only how fast (or, for
 # one device bug, whether it is right). The measurements behind them are in docs/speed.md.
 
-forced_attention = None  # "written out" or "fused" inside attention_forced(); None: use_fused_attention decides
+forced_attention = None  # "written out" or "fused" inside attention_forced(); None: attention_for decides
 
 
 @contextlib.contextmanager
@@ -901,24 +897,19 @@ def attention_forced(kind):
         forced_attention = before
 
 
-def use_fused_attention(q):
-    """Which attention CausalSelfAttention runs: the fused kernel, but for two cases. On MPS in half
-    precision, its is_causal kernel has let tokens see the future (pytorch issue 195910). Training in
-    bfloat16 on a CPU up to context 512, the written-out step is faster (1.6x at the defaults)."""
-    if forced_attention is not None:
-        return forced_attention == "fused"
-    if q.device.type == "mps":
-        return q.dtype == torch.float32
-    if q.device.type == "cpu" and torch.is_grad_enabled():  # training on a CPU
-        return q.dtype != torch.bfloat16 or q.size(-2) > 512
-    return True
-
-
 def attention_for(q, k):
-    """The attention function CausalSelfAttention (section 4) calls with q, k, v and dropout_p. Where
-    the keys are in another number format than q (a float32 KV cache, below), q is cast to theirs and
-    the output back to q's."""
-    attention = causal_attention_fused if use_fused_attention(q) else causal_attention_written_out
+    """The attention CausalSelfAttention (section 4) runs: the fused kernel, but for two cases. On MPS in
+    half precision, its is_causal kernel has let tokens see the future (pytorch issue 195910). Training
+    in bfloat16 on a CPU up to context 512, the written-out step is faster (1.6x at the defaults). Keys
+    in another number format than q (a float32 KV cache, below) get q cast to theirs, the output back."""
+    if forced_attention is not None:
+        fused = forced_attention == "fused"
+    elif q.device.type == "mps":
+        fused = q.dtype == torch.float32
+    else:  # training (gradients on) in bfloat16 on a CPU, up to 512: written out
+        fused = not (q.device.type == "cpu" and torch.is_grad_enabled() and q.dtype == torch.bfloat16
+                     and q.size(-2) <= 512)
+    attention = causal_attention_fused if fused else causal_attention_written_out
     if q.dtype == k.dtype:
         return attention
     return lambda q, k, v, dropout_p: attention(q.to(k.dtype), k, v, dropout_p).to(q.dtype)

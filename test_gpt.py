@@ -1896,7 +1896,8 @@ CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps") 
 
 
 def test_copies_to_a_device_are_non_blocking_on_cuda_only():
-    assert gpt.non_blocking_copies(CUDA) and not gpt.non_blocking_copies(MPS) and not gpt.non_blocking_copies(CPU)
+    tensor = types.SimpleNamespace(to=lambda device, non_blocking: non_blocking)  # says how it was copied
+    assert gpt.to_device(tensor, CUDA) and not gpt.to_device(tensor, MPS) and not gpt.to_device(tensor, CPU)
 
 
 @quick
@@ -1968,22 +1969,22 @@ def test_mfu_is_never_above_100_percent(tmp_path, capsys):
 
 
 def test_attention_on_mps_is_fused_in_float32_only_and_a_cpu_trains_bfloat16_written_out():
-    def q(device, dtype, T=256):  # what use_fused_attention looks at: device, dtype, length
-        return types.SimpleNamespace(device=device, dtype=dtype, size=lambda dim: T)
-    assert gpt.use_fused_attention(q(MPS, torch.float32))
-    assert not gpt.use_fused_attention(q(MPS, torch.float16)) and not gpt.use_fused_attention(q(MPS, torch.bfloat16))
-    assert gpt.use_fused_attention(q(CUDA, torch.bfloat16)) and gpt.use_fused_attention(q(CPU, torch.float32))
-    assert not gpt.use_fused_attention(q(CPU, torch.bfloat16))  # training (gradients on), a short context
-    assert gpt.use_fused_attention(q(CPU, torch.bfloat16, T=1024))
+    def fused(device, dtype, T=256):  # attention_for looks at q's device, dtype and length
+        q = types.SimpleNamespace(device=device, dtype=dtype, size=lambda dim: T)
+        return gpt.attention_for(q, q) is gpt.causal_attention_fused
+    assert fused(MPS, torch.float32)
+    assert not fused(MPS, torch.float16) and not fused(MPS, torch.bfloat16)
+    assert fused(CUDA, torch.bfloat16) and fused(CPU, torch.float32)
+    assert not fused(CPU, torch.bfloat16)  # training (gradients on), a short context
+    assert not fused(CPU, torch.bfloat16, T=512) and fused(CPU, torch.bfloat16, T=513)
     with torch.no_grad():
-        assert gpt.use_fused_attention(q(CPU, torch.bfloat16))
+        assert fused(CPU, torch.bfloat16)
     with gpt.attention_forced("written out"):
-        assert not gpt.use_fused_attention(q(CUDA, torch.float32))
+        assert not fused(CUDA, torch.float32)
     with gpt.attention_forced("fused"):
-        assert gpt.use_fused_attention(q(MPS, torch.float16))
-    assert gpt.use_fused_attention(q(CUDA, torch.float32))  # the choice is gpt.py's again
-    with torch.no_grad():  # attention_for gives the chosen function, and matches q to a float32 KV cache
-        assert gpt.attention_for(q(CPU, torch.float32), q(CPU, torch.float32)) is gpt.causal_attention_fused
+        assert fused(MPS, torch.float16)
+    assert fused(CUDA, torch.float32)  # the choice is gpt.py's again
+    with torch.no_grad():  # attention_for matches q to a float32 KV cache
         x = torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)  # (B, nh, T, hs), a bfloat16 model's q
         k = torch.randn(1, 2, 5, 4)  # (B, nh, Tk, hs): keys (and values) of a float32 cache
         y = gpt.attention_for(x, k)(x, k, k, 0.0)
