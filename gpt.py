@@ -1980,11 +1980,9 @@ def sample(cfg, out=None):
 # ---- 14. Pictures ----------------------------------------------------------------------------
 #
 # Two pictures, as SVG: plain text that every browser shows, drawn without a plotting library.
-# `train` writes loss.svg at every evaluation: both losses against the step, the best val loss
-# marked (a resumed run draws its whole history). `python gpt.py inspect` runs a model once over
-# a prompt, prints the likeliest next tokens, and writes attention.svg: for every layer (rows)
-# and head (columns), how much each token (a row of the heatmap) attends to each earlier one (a
-# column): the softmax inside causal_attention_written_out (section 4), recorded as it runs.
+# `train` writes loss.svg at every evaluation (a resumed run draws its whole history); `python
+# gpt.py inspect` writes attention.svg: how much each token attends to each earlier one, in every
+# layer and head, as the softmax inside causal_attention_written_out (section 4) computed it.
 
 SVG_FONT = 'font-family="sans-serif" font-size="11"'
 SVG_TITLE = 'font-family="sans-serif" font-size="13"'
@@ -1996,31 +1994,25 @@ def svg(width, height, body):
             + "\n".join(body) + "\n</svg>\n")
 
 
-def nice_ticks(low, high, count=5):
-    """About count round values, 1, 2 or 5 times a power of ten apart, from at most low to at least high."""
+def axis(low, high, start, end):
+    """An axis from pixel start to pixel end, spanning its ticks: about 5 round values, 1, 2 or 5 times a
+    power of ten apart, from at most low to at least high -> (the ticks, a function from a value to its pixel)."""
     if high <= low:
         high = low + 1
-    raw = (high - low) / count
+    raw = (high - low) / 5
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     first, last = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
-    return [round(i * step, 10) for i in range(first, last + 1)]
+    ticks = [round(i * step, 10) for i in range(first, last + 1)]
+    return ticks, lambda value: start + (value - ticks[0]) / (ticks[-1] - ticks[0]) * (end - start)
 
 
 def loss_curve_svg(history):
-    """history [{"step", "train", "val"}, ...] -> an SVG of both losses against the step."""
+    """history [{"step", "train", "val"}, ...] -> an SVG of both losses against the step, the best val loss marked."""
     width, height, left, right, top, bottom = 640, 400, 60, 20, 30, 50
-    steps = [h["step"] for h in history]
     losses = [h[split] for h in history for split in ("train", "val")]
-    x_ticks, y_ticks = nice_ticks(0, max(max(steps), 1)), nice_ticks(min(losses), max(losses))
-    x_low, x_high, y_low, y_high = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]  # the axes span their ticks
-
-    def x(step):
-        return left + (step - x_low) / (x_high - x_low) * (width - left - right)
-
-    def y(loss):
-        return height - bottom - (loss - y_low) / max(y_high - y_low, 1e-9) * (height - top - bottom)
-
+    x_ticks, x = axis(0, max(h["step"] for h in history), left, width - right)
+    y_ticks, y = axis(min(losses), max(losses), height - bottom, top)  # a higher loss, higher up
     body = [f'<text x="{left}" y="18" {SVG_TITLE}>loss against step</text>',
             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
