@@ -2086,22 +2086,20 @@ def attention_svg(weights, labels):
     return svg(width, height, body)
 
 
-@contextlib.contextmanager
-def recording_softmax():
-    """Within it, every F.softmax the code calls appends its output to the list it yields. A
+class RecordingSoftmax(torch.overrides.TorchFunctionMode):
+    """Within it, every F.softmax the code calls appends its output to self.outputs. A
     TorchFunctionMode sees each torch function call: here, the softmax of the written-out
     attention, whose output is the model's own attention weights."""
-    outputs = []
 
-    class Record(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            if func is F.softmax:
-                outputs.append(result.detach())
-            return result
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
 
-    with Record():
-        yield outputs
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func is F.softmax:
+            self.outputs.append(result.detach())
+        return result
 
 
 @dataclass
@@ -2124,25 +2122,20 @@ def inspect(cfg, out=None):
     device = pick_device(cfg.device)
     model, tokenizer = trained_model(cfg.out_dir, cfg.init_from)
     ids = (tokenizer.encode(cfg.prompt) or [tokenizer.start_token])[-model.config.block_size:]
-    shown = ids[-cfg.max_tokens:]
-    if len(shown) < len(ids):
-        log(f"the model read {len(ids)} tokens; the picture shows the attention among the last {len(shown)}")
+    n = min(len(ids), cfg.max_tokens)  # the tokens drawn: the last n
     path = Path(cfg.svg) if cfg.svg else Path(cfg.out_dir) / "attention.svg"
     check_writable(path.parent, "--svg" if cfg.svg else "--out-dir")
-    with attention_forced("written out"), recording_softmax() as softmaxes:  # its softmax is what is drawn
+    with attention_forced("written out"), RecordingSoftmax() as softmaxes:
         logits, _ = model.to(device).eval()(torch.tensor([ids], device=device))  # (1, T, V)
-    weights = [w[0].cpu() for w in softmaxes]  # per layer: (1, nh, T, T) -> (nh, T, T)
+    weights = [w[0].cpu() for w in softmaxes.outputs]  # per layer: (1, nh, T, T) -> (nh, T, T)
     probs = F.softmax(logits[0, -1].double().cpu(), dim=-1)  # (V,): the next token after the prompt
     top = torch.topk(probs, min(cfg.top, probs.numel()))
     out.write(f"most likely next tokens after {cfg.prompt[-40:]!r}:\n")
     for p, i in zip(top.values.tolist(), top.indices.tolist()):
-        token = tokenizer.token_bytes(i).decode("utf-8", errors="replace")
-        out.write(f"  {token!r:>12} {p:7.2%} {'#' * round(p * 50)}\n")
-    labels = [visible(tokenizer.token_bytes(i).decode("utf-8", errors="replace")) for i in shown]
-    n = len(shown)
-    picture = attention_svg([w[:, -n:, -n:] for w in weights], labels)  # (nh, n, n) each
+        out.write(f"  {tokenizer.decode([i])!r:>12} {p:7.2%} {'#' * round(p * 50)}\n")
+    picture = attention_svg([w[:, -n:, -n:] for w in weights], [visible(tokenizer.decode([i])) for i in ids[-n:]])
     write_atomically(path, lambda f: f.write(picture.encode()))
-    log(f"wrote {path}: {len(weights)} layers x {weights[0].size(0)} heads over {len(shown)} tokens")
+    log(f"wrote {path}: {len(weights)} layers x {weights[0].size(0)} heads over the last {n} of {len(ids)} tokens read")
     out.flush()
     return list(zip(top.indices.tolist(), top.values.tolist())), weights
 

@@ -1860,7 +1860,7 @@ def test_inspect_draws_the_models_own_attention_weights(inspected, trained):
             scores = (q @ k.T / math.sqrt(hs)).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
             torch.testing.assert_close(inspected["weights"][0][head], torch.softmax(scores, dim=-1), atol=1e-5, rtol=0)
     assert len(inspected["weights"]) == model.config.n_layer
-    assert "read 16 tokens" in inspected["err"] and "last 12" in inspected["err"]
+    assert "over the last 12 of 16 tokens read" in inspected["err"]
 
 
 def test_the_attention_picture_shades_each_weight_and_leaves_the_future_blank(inspected):
