@@ -2072,9 +2072,8 @@ def attention_svg(weights, labels):
             # In the heatmap's own units: cell (i, j) is the unit square at x = j, y = i.
             body.append(f'<g class="heatmap" data-layer="{layer}" data-head="{head}" '
                         f'transform="translate({x0} {y0}) scale({cell})">')
-            for i in range(T):
-                body += [f'<rect x="{j}" y="{i}" width="1" height="1" fill="{weight_color(w)}"/>'
-                         for j, w in enumerate(layer_weights[head, i, :i + 1].tolist())]
+            body += [f'<rect x="{j}" y="{i}" width="1" height="1" fill="{weight_color(w)}"/>'
+                     for i, row in enumerate(layer_weights[head].tolist()) for j, w in enumerate(row[:i + 1])]
             body.append("</g>")
             if head == 0:  # the queries' labels, left of each layer's row
                 body += [f'<text x="{x0 - 4}" y="{y0 + i * cell + cell - 3}" text-anchor="end" {SVG_FONT}>'
