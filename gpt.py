@@ -2160,9 +2160,8 @@ class BenchConfig:
 
     def __post_init__(self):
         positive(self, "steps", "rounds", "sample_tokens", "context_batch", "context_steps")
-        values = re.fullmatch(r"\d+(,\d+)*", self.contexts or "0") and [int(v) for v in (self.contexts or "0").split(",")]
-        require(self.contexts is None or (values and min(values) > 0), f"--contexts {self.contexts!r}: expected "
-                f"positive whole numbers separated by commas, like 256,512,1024")
+        require(self.contexts is None or all(v.isdecimal() and int(v) > 0 for v in self.contexts.split(",")),
+                f"--contexts {self.contexts!r}: expected positive whole numbers separated by commas, like 256,512,1024")
 
 
 def training_steps(config, device, dtype, batch_size):
@@ -2214,8 +2213,7 @@ def bench(cfg, out=None):
 
 
 def bench_sampling(model, device, dtypes, cfg, out):
-    """Sampling: every variant once per round, in turn. The short run is the longest one from a
-    one-token prompt that never refills the cache (block_size - 1 new tokens)."""
+    """The short run is the longest from a one-token prompt that never refills the cache (block_size - 1 tokens)."""
     auto, short, n = dtypes[-1], model.config.block_size - 1, cfg.sample_tokens
     runs = ((short, True), (n, True), (n, False))  # (new tokens, KV cache)
     speed = {(dtype, tokens, kv_cache): [] for dtype in dtypes for tokens, kv_cache in runs}
@@ -2289,11 +2287,10 @@ def memory_high_water(device, reset=False):
 def time_context(T, attention, device, dtype, cfg):
     """Training steps of the default model's width at context T with the given attention ->
     (seconds per step, peak bytes it added to what was in use before), or None when out of memory."""
-    gc.collect()
     before = memory_high_water(device, reset=True)
     try:
         with attention_forced(attention):
-            _, step = training_steps(dataclasses.replace(GPTConfig(), block_size=T), device, dtype, cfg.context_batch)
+            _, step = training_steps(GPTConfig(block_size=T), device, dtype, cfg.context_batch)
             seconds = timed(step, cfg.context_steps, device)
         peak = memory_high_water(device)
         return seconds, None if peak is None or before is None else peak - before
@@ -2301,7 +2298,7 @@ def time_context(T, attention, device, dtype, cfg):
         if "memory" not in str(e).lower():
             raise
         return None
-    finally:  # nothing of this context is kept for the next
+    finally:  # nothing of this context stays to weigh on the next one's time or memory
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -2324,19 +2321,17 @@ def bench_contexts(cfg, out):
         for T in contexts:
             cells = []
             for variant in variants:
-                if variant in out_of_memory and T >= out_of_memory[variant]:
+                if T >= out_of_memory.get(variant, math.inf):
                     cells.append(f"not tried (out of memory at {out_of_memory[variant]}) | | ")
-                    continue
-                result = time_context(T, variant, device, dtype, cfg)
-                if result is None:
+                elif (result := time_context(T, variant, device, dtype, cfg)) is None:
                     out_of_memory[variant] = T
                     cells.append("out of memory | | ")
                     log(f"context {T}, {variant}: out of memory")
-                    continue
-                seconds, peak = result
-                shown = "-" if peak is None else f"{peak / 2**30:,.2f} GiB"
-                cells.append(f"{seconds * 1000:,.0f} | {cfg.context_batch * T / seconds:,.0f} | {shown}")
-                log(f"context {T}, {variant}: {seconds * 1000:,.0f} ms/step, peak memory {shown}")
+                else:
+                    seconds, peak = result
+                    shown = "-" if peak is None else f"{peak / 2**30:,.2f} GiB"
+                    cells.append(f"{seconds * 1000:,.0f} | {cfg.context_batch * T / seconds:,.0f} | {shown}")
+                    log(f"context {T}, {variant}: {seconds * 1000:,.0f} ms/step, peak memory {shown}")
             out.write(f"| {T} | " + " | ".join(cells) + " |\n")
             out.flush()
 
