@@ -1024,9 +1024,8 @@ def check_data_file(path):
 
 
 def read_text(path):
-    """A UTF-8 text file, read whole, with text_chunks' clear error for every way it can be wrong."""
-    check_data_file(Path(path))
-    return "".join(text_chunks(Path(path)))
+    """A UTF-8 text file (checked by check_data_file first), read whole, with text_chunks' clear errors."""
+    return "".join(text_chunks(path))
 
 
 def check_characters(tokenizer, text):
