@@ -1102,8 +1102,7 @@ def read_token_file(path):
 
 
 def last_cut(text, end):
-    """The last place in text[:end] just before whitespace that follows a non-whitespace character
-    (see this section's opening), found by looking back from end; 0 if there is none."""
+    """The last SAFE_CUT place in text[:end], found by looking back from end; 0 if there is none."""
     window = 256
     while True:
         cuts = [m.start() + 1 for m in SAFE_CUT.finditer(text, max(0, end - window), end)]
@@ -1123,11 +1122,10 @@ def text_chunks(path, progress=lambda done: None):
                 held = decoder.getstate()[0]  # the bytes of a character cut by the last read
                 try:
                     pending += decoder.decode(raw)
-                except UnicodeDecodeError as e:  # e.start counts from the held bytes
-                    seen = held + raw
-                    line = lines + seen[len(held):max(e.start, len(held))].count(b"\n") + 1
+                except UnicodeDecodeError as e:  # e.start counts from held + raw (held: part of a character, no "\n")
+                    line = lines + (held + raw)[:e.start].count(b"\n") + 1
                     raise GPTError(f"data file {str(path)!r} is not UTF-8 text: byte {done - len(held) + e.start} (line "
-                                   f"{line}) is {seen[e.start:e.start + 1]!r}; save it as UTF-8") from None
+                                   f"{line}) is {(held + raw)[e.start:e.start + 1]!r}; save it as UTF-8") from None
                 done, lines = done + len(raw), lines + raw.count(b"\n")
                 progress(done)
                 cut = last_cut(pending, len(pending))
