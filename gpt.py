@@ -1155,15 +1155,14 @@ def encode_chunk(tokenizer, text, lookup, typecode, pool):
         data = bytearray(len(ids) * array.array(typecode).itemsize)
         torch.frombuffer(data, dtype=torch.int16 if typecode == "H" else torch.int32).copy_(ids)  # the same bits
         return data
-    cuts = [0]
-    while len(text) - cuts[-1] > PREPARE_PIECE_CHARS:
-        cut = last_cut(text, cuts[-1] + PREPARE_PIECE_CHARS)
-        cuts.append(cut if cut > cuts[-1] else len(text))  # no cut in the piece: the rest is one piece
-    pieces = [text[a:b] for a, b in zip(cuts, cuts[1:] + [len(text)]) if b > a]
+    pieces = []  # then text, the rest: one piece where last_cut finds no place to cut
+    while len(text) > PREPARE_PIECE_CHARS and (cut := last_cut(text, PREPARE_PIECE_CHARS)):
+        pieces.append(text[:cut])
+        text = text[cut:]
     def encode(piece):  # tiktoken's plain encoding where no <|endoftext|> can be: its scan for one costs 10%
         ids = tokenizer.encode(piece) if "<|endoftext|>" in piece else tokenizer.encoding.encode_ordinary(piece)
         return array.array(typecode, ids)
-    return b"".join(ids.tobytes() for ids in pool.map(encode, pieces))
+    return b"".join(ids.tobytes() for ids in pool.map(encode, pieces + [text]))
 
 
 @dataclass
@@ -1190,18 +1189,17 @@ def prepare(cfg):
     header = {"format": 1, "tokenizer": tokenizer_to_dict(tokenizer), "dtype": "uint32" if typecode == "I" else "uint16",
               "source": source.name, "source_bytes": size}
     room = len(json.dumps({**header, "tokens": 10**19}))  # the header's length, whatever the count
-    start = -(-(len(TOKEN_FILE_MAGIC) + 8 + room) // 64) * 64  # where the ids start
+    room += -(len(TOKEN_FILE_MAGIC) + 8 + room) % 64  # and the spaces that start the ids at a multiple of 64
     count, progress = 0, Progress(f"encoding ({tokenizer.kind})", size, "MB", 1e6)
 
     def write(f):
         nonlocal count
-        f.seek(start)
+        f.seek(len(TOKEN_FILE_MAGIC) + 8 + room)
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             for chunk in text_chunks(source, lambda done: progress(done, f", {count:,} tokens")):
                 ids = encode_chunk(tokenizer, chunk, lookup, typecode, pool)
                 f.write(ids)  # in this machine's byte order: the format's little-endian on x86 and ARM
                 count += len(ids) // array.array(typecode).itemsize
-        room = start - len(TOKEN_FILE_MAGIC) - 8
         f.seek(0)  # the header, now that the count is known
         f.write(TOKEN_FILE_MAGIC + room.to_bytes(8, "little") + json.dumps({**header, "tokens": count}).ljust(room).encode())
 
