@@ -1288,11 +1288,10 @@ def read_safetensors(path):
     """A .safetensors file -> {name: tensor}, each checked, each a view of a memory map of the file:
     nothing is read until it is used, and GPT-2 XL's 6 GB are never held twice."""
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size)) if 8 + header_size <= size else None
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: never written back
+        header_size = int.from_bytes(buffer[:8], "little")
+        header = json.loads(buffer[8:8 + header_size]) if 8 + header_size <= len(buffer) else None
     except (OSError, ValueError) as e:
         raise GPTError(f"cannot read {str(path)!r} as a safetensors file ({e})".splitlines()[0]) from None
     require(isinstance(header, dict), f"{path} is not a safetensors file: it does not start with a JSON header")
@@ -1305,7 +1304,7 @@ def read_safetensors(path):
         except (KeyError, TypeError, ValueError):
             raise GPTError(f"{path}: tensor {name} has no valid dtype ({', '.join(SAFETENSORS_DTYPES)}), shape and "
                            f"data_offsets") from None
-        require(0 <= begin <= end and end - begin == count * dtype.itemsize and 8 + header_size + end <= size,
+        require(0 <= begin <= end and end - begin == count * dtype.itemsize and 8 + header_size + end <= len(buffer),
                 f"{path}: the bytes of tensor {name} do not fit its shape {shape} or the file (truncated?)")
         flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=8 + header_size + begin) if count else \
             torch.empty(0, dtype=dtype)  # (count,)
