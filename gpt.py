@@ -1334,29 +1334,27 @@ def download(url, target):
     """Download url to target with progress on stderr. The bytes go to target.part first, which an
     interrupted download resumes from (an HTTP Range request); target appears only once complete."""
     part = target.with_name(target.name + ".part")
-    for attempt in range(2):
-        have = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response, open(part, "ab" if have else "wb") as f:
-                if response.status != 206:  # the server sent the whole file: start from its first byte
-                    have = 0
-                    f.truncate(0)
-                total = have + int(response.headers.get("Content-Length", 0))
-                progress = Progress(f"downloading {target.name}", total, "MB", 1e6)
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    have += len(chunk)
-                    progress(have)
-            break
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and attempt == 0:  # "range not satisfiable": the part is complete or stale
-                part.unlink()
-                continue
-            raise GPTError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
-        except (OSError, ValueError, http.client.HTTPException) as e:  # no network, a dropped connection
-            raise GPTError(f"could not download {url} ({type(e).__name__}: {e}); rerun to resume it, or give "
-                           f"--init-from a local folder holding config.json and model.safetensors".splitlines()[0]) from None
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response, open(part, "ab") as f:
+            if response.status != 206:  # the server sent the whole file: start from its first byte
+                have = 0
+                f.truncate(0)
+            total = have + int(response.headers.get("Content-Length", 0))
+            progress = Progress(f"downloading {target.name}", total, "MB", 1e6)
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                have += len(chunk)
+                progress(have)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # "range not satisfiable": the part is complete or stale; once more, whole
+            part.unlink()
+            return download(url, target)
+        raise GPTError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # no network, a dropped connection
+        raise GPTError(f"could not download {url} ({type(e).__name__}: {e}); rerun to resume it, or give --init-from "
+                       f"a local folder holding config.json and model.safetensors".splitlines()[0]) from None
     require(total == 0 or have == total, f"download of {url} stopped at {have} of {total} bytes; rerun to resume it")
     os.replace(part, target)
 
