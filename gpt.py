@@ -1363,25 +1363,23 @@ def gpt2_weight_files(name_or_path):
     """A GPT-2 size, a folder or a .safetensors file -> (its config.json, maybe absent; its weights).
     A size is downloaded once into the cache folder; several processes (torchrun) take turns
     through a lock there, so that the first downloads and the others find the files."""
+    path = Path(name_or_path)
     if name_or_path in GPT2_SIZES:
-        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt.py" / name_or_path
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".lock", "w") as lock:
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt.py" / name_or_path
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / ".lock", "w") as lock:
             if sys.platform != "win32":
                 import fcntl  # Unix only
                 fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             for file in ("config.json", "model.safetensors"):
-                if not (folder / file).exists():
-                    download(GPT2_URL.format(name=name_or_path, file=file), folder / file)
-        return folder / "config.json", folder / "model.safetensors"
-    path = Path(name_or_path)
+                if not (path / file).exists():
+                    download(GPT2_URL.format(name=name_or_path, file=file), path / file)
     if path.is_dir():
         require((path / "model.safetensors").exists(), f"{str(path)!r} has no model.safetensors")
-        return path / "config.json", path / "model.safetensors"
-    if path.is_file() and path.suffix == ".safetensors":
-        return path.with_name("config.json"), path
-    raise GPTError(f"--init-from {name_or_path!r}: expected one of {', '.join(GPT2_SIZES)}, a folder "
-                   f"holding config.json and model.safetensors, or a .safetensors file")
+        path = path / "model.safetensors"
+    require(path.is_file() and path.suffix == ".safetensors", f"--init-from {name_or_path!r}: expected one of "
+            f"{', '.join(GPT2_SIZES)}, a folder holding config.json and model.safetensors, or a .safetensors file")
+    return path.with_name("config.json"), path
 
 
 def read_gpt2_weights(name_or_path):
