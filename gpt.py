@@ -1407,10 +1407,8 @@ def read_gpt2_weights(name_or_path):
 
 
 def load_gpt2(name_or_path, dropout=0.0, block_size=None):
-    """GPT.from_pretrained (section 4): a GPT holding GPT-2's weights, with the given dropout;
-    a block_size below 1,024 keeps the first block_size positions (a cheaper context)."""
-    config, state = read_gpt2_weights(name_or_path)
-    config, state = with_block_size(config, state, block_size, f"--init-from {name_or_path}")
+    """GPT.from_pretrained (section 4): a GPT holding GPT-2's weights, with the given dropout and block_size."""
+    config, state = with_block_size(*read_gpt2_weights(name_or_path), block_size, f"--init-from {name_or_path}")
     return model_with_weights(dataclasses.replace(config, dropout=dropout), state)
 
 
