@@ -1134,13 +1134,11 @@ def text_chunks(path, progress=lambda done: None):
                     pending = pending[cut:]
                 require(len(pending) < LONGEST_UNCUT, f"data file {str(path)!r} has over {LONGEST_UNCUT >> 20} MB "
                         f"without whitespace after a word: prepare cuts the text there, to bound its memory")
-            held = decoder.getstate()[0]
-            pending += decoder.decode(b"", final=True)
+            held = decoder.getstate()[0]  # none, unless the file ends inside a character
+            require(not held, f"data file {str(path)!r} is not UTF-8 text: it ends inside a character, at byte "
+                    f"{done - len(held)} ({held!r}); save it as UTF-8")
     except OSError as e:
         raise GPTError(f"cannot read data file {str(path)!r}: {e.strerror}") from None
-    except UnicodeDecodeError:  # the file ends inside a character
-        raise GPTError(f"data file {str(path)!r} is not UTF-8 text: it ends inside a character, at byte "
-                       f"{done - len(held)} ({held!r}); save it as UTF-8") from None
     require(done, f"data file {str(path)!r} is empty")
     if pending:
         yield pending
