@@ -1112,9 +1112,8 @@ def last_cut(text, end):
 
 
 def text_chunks(path, progress=lambda done: None):
-    """Yield the UTF-8 text of path in pieces of about PREPARE_CHUNK_BYTES, each ending at a
-    last_cut or at the end of the file; a clear error for a file that cannot be read, is empty
-    or is not UTF-8 (naming the byte and the line). progress(bytes read) is called after each read."""
+    """Yield the UTF-8 text of path in pieces of about PREPARE_CHUNK_BYTES, each ending at a last_cut or at
+    the end of the file, or raise this section's error for a bad file. progress(bytes read) follows each read."""
     decoder, pending, done, lines = codecs.getincrementaldecoder("utf-8")(), "", 0, 0
     try:
         with open(path, "rb") as f:
