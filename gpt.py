@@ -1159,7 +1159,7 @@ def encode_chunk(tokenizer, text, lookup, typecode, pool):
     def encode(piece):  # tiktoken's plain encoding where no <|endoftext|> can be: its scan for one costs 10%
         ids = tokenizer.encode(piece) if "<|endoftext|>" in piece else tokenizer.encoding.encode_ordinary(piece)
         return array.array(typecode, ids)
-    return b"".join(ids.tobytes() for ids in pool.map(encode, pieces + [text]))
+    return b"".join(pool.map(encode, pieces + [text]))  # an array is bytes-like: joined as it is
 
 
 @dataclass
