@@ -1487,9 +1487,11 @@ corpus_texts = st.lists(st.sampled_from([" ", "  ", "\n", "\n\n", "\t", "\r\n", 
 @example(text="é日本🙂 é日本🙂", chunk=2, kind="char")
 @example(text="x <|endoftext|>y\n<|endoftext|>", chunk=5, kind="bpe")
 @example(text="\r\n\r\n \t word\u00a0\u3000x\x1cy", chunk=1, kind="bpe")
+@example(text="one two three four five six seven", chunk=32, kind="bpe")  # a chunk cut into BPE's pieces
 def test_prepared_tokens_are_the_encoding_of_the_whole_text_wherever_the_chunks_end(text, chunk, kind, tmp_path,
                                                                                       monkeypatch):
-    monkeypatch.setattr(gpt, "PREPARE_CHUNK_BYTES", chunk)  # cuts every few bytes, not every 8 MB
+    monkeypatch.setattr(gpt, "PREPARE_CHUNK_BYTES", chunk)  # cuts every few bytes, not every 4 MB,
+    monkeypatch.setattr(gpt, "PREPARE_PIECE_CHARS", chunk // 4)  # and BPE's pieces a quarter of that, as 1 MB of 4 MB
     source = tmp_path / f"text-{kind}-{chunk}.txt"
     source.write_text(text, encoding="utf-8", newline="")
     with contextlib.redirect_stderr(io.StringIO()):
