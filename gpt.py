@@ -1090,9 +1090,10 @@ def read_token_file(path):
             if f.read(len(TOKEN_FILE_MAGIC)) != TOKEN_FILE_MAGIC:
                 return None
             header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size))
+            header = json.loads(f.read(min(header_size, os.fstat(f.fileno()).st_size)))  # at most what the file has
     except (OSError, ValueError) as e:
         raise GPTError(f"cannot read {str(path)!r} as a token file ({e})".splitlines()[0]) from None
+    header = header if isinstance(header, dict) else {}  # JSON, but not a header: incomplete, below
     dtype = {"uint16": torch.int16, "uint32": torch.int32}.get(header.get("dtype"))  # the same bits, signed
     start = len(TOKEN_FILE_MAGIC) + 8 + header_size
     require(header.get("format") == 1 and dtype is not None and isinstance(header.get("tokens"), int)

@@ -1663,6 +1663,28 @@ def test_bad_prepare_inputs_get_one_line_and_leave_no_file(tmp_path, capsys):
         assert folder_bytes(tmp_path) == before, argv
 
 
+def test_a_damaged_token_file_gets_one_line_and_trains_nothing(tmp_path, capsys):
+    (tmp_path / "ok.txt").write_text(SHAKESPEARE[:5000], encoding="utf-8")
+    good = gpt.prepare(gpt.PrepareConfig(data=str(tmp_path / "ok.txt"), out=str(tmp_path / "ok.tokens"))).read_bytes()
+    size = int.from_bytes(good[8:16], "little")
+    header, _ = json.loads(good[16:16 + size]), capsys.readouterr()
+    damaged = {
+        "truncated": good[:-1],
+        "header longer than the file": good[:8] + (2**62).to_bytes(8, "little") + good[16:],
+        "header not JSON": good[:16] + b"\xff" * size + good[16 + size:],
+        "header a JSON list": good[:16] + b"[1, 2]".ljust(size) + good[16 + size:],
+        "another format": good[:16] + json.dumps({**header, "format": 2}).encode().ljust(size) + good[16 + size:],
+        "no count": good[:16] + json.dumps({**header, "tokens": None}).encode().ljust(size) + good[16 + size:],
+    }
+    for why, data in damaged.items():
+        (tmp_path / "bad.tokens").write_bytes(data)
+        assert gpt.main(["train", "--data", str(tmp_path / "bad.tokens"), "--out-dir", str(tmp_path / "out"),
+                         "--max-iters", "1"]) == 1, why
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "bad.tokens" in err and "token file" in err, (why, err)
+        assert not (tmp_path / "out").exists(), why
+
+
 # ---------------------------------------------------------------------------------------------
 # several processes: torchrun and DDP (gloo, on this CPU)
 # ---------------------------------------------------------------------------------------------
