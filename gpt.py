@@ -1023,11 +1023,6 @@ def check_data_file(path):
     require(not path.is_dir(), f"data file {str(path)!r} is a directory, not a text file")
 
 
-def read_text(path):
-    """A UTF-8 text file (checked by check_data_file first), read whole, with text_chunks' clear errors."""
-    return "".join(text_chunks(path))
-
-
 def check_characters(tokenizer, text):
     """CharTokenizer.encode's check (section 2): every character of text is in the vocabulary."""
     unknown = sorted(set(text) - tokenizer.index.keys())
@@ -1667,7 +1662,7 @@ class TrainingRun:
         check_training_dtype(self.dtype, self.device)
         check_data_file(Path(cfg.data))
         token_file = read_token_file(cfg.data)  # (header, ids) of a file from `prepare`; None for a text
-        text = read_text(cfg.data) if token_file is None else None
+        text = "".join(text_chunks(cfg.data)) if token_file is None else None  # a text, read whole
         self.resume = (resume_checkpoint or load_checkpoint(resume_path(self.out_dir))) if cfg.resume else None
         if self.resume is None:
             for name in ("ckpt.pt", "last.pt"):
