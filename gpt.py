@@ -2327,15 +2327,16 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser():
     parser = ArgumentParser(prog="gpt.py", description="GPT-2 in one file: train it, sample from it, look inside "
                             "it, time it.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,inspect,prepare,bench}")
-    for name, config_class, about in (
-        ("train", TrainConfig, "train a GPT on a text file (or fine-tune GPT-2 with --init-from)"),
-        ("sample", SampleConfig, "write text with a trained model"),
-        ("inspect", InspectConfig, "print the likely next tokens after a prompt; draw what the model attends to"),
-        ("prepare", PrepareConfig, "encode a text once into a token file that train --data reads"),
-        ("bench", BenchConfig, "time training and sampling of the default model on this machine"),
+    commands = parser.add_subparsers(required=True)
+    for run, config_class, about in (  # each command is named after the function that runs it
+        (train, TrainConfig, "train a GPT on a text file (or fine-tune GPT-2 with --init-from)"),
+        (sample, SampleConfig, "write text with a trained model"),
+        (inspect, InspectConfig, "print the likely next tokens after a prompt; draw what the model attends to"),
+        (prepare, PrepareConfig, "encode a text once into a token file that train --data reads"),
+        (bench, BenchConfig, "time training and sampling of the default model on this machine"),
     ):
-        command = commands.add_parser(name, help=about, description=about)
+        command = commands.add_parser(run.__name__, help=about, description=about)
+        command.set_defaults(run=run, config_class=config_class)
         for f in dataclasses.fields(config_class):
             meta = dict(f.metadata)
             text = f"{meta.pop('help')} (default: {meta.pop('default_text', f.default)})".replace("%", "%%")
@@ -2347,18 +2348,15 @@ def build_parser():
 def main(argv=None):
     """Run the command line; -> the exit status (0 done, 1 an error, 2 a mistyped flag, 130 Ctrl-C)."""
     try:
-        args = build_parser().parse_args(argv)
+        given = vars(build_parser().parse_args(argv))
     except SystemExit as e:  # argparse has printed --help, or its one-line error
         return e.code
-    given = {k: v for k, v in vars(args).items() if k != "command"}  # only the flags typed: no defaults
+    run, config_class = given.pop("run"), given.pop("config_class")  # the rest: only the flags typed, no defaults
     try:
-        if args.command == "train":
-            cfg, checkpoint = resumed_config(given) if given.get("resume") else (TrainConfig(**given), None)
+        if run is train:  # train also takes the checkpoint --resume read, and says whether Ctrl-C stopped it
+            cfg, checkpoint = resumed_config(given) if given.get("resume") else (config_class(**given), None)
             return 130 if train(cfg, checkpoint)["interrupted"] else 0
-        run = {"sample": (sample, SampleConfig), "inspect": (inspect, InspectConfig),
-               "prepare": (prepare, PrepareConfig), "bench": (bench, BenchConfig)}
-        command, config_class = run[args.command]
-        command(config_class(**given))
+        run(config_class(**given))
         return 0
     except GPTError as e:
         log(f"error: {' '.join(str(e).split())}")
