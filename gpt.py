@@ -882,19 +882,18 @@ def synchronize(device):
 # Part I computes the same thing on every machine; these choices change only how fast (or, for
 # one device bug, whether it is right). The measurements behind them are in docs/speed.md.
 
-forced_attention = None  # "written out" or "fused" inside attention_forced(); None: attention_for decides
+forced_attention = []  # the kinds attention_forced() holds, innermost last; empty: attention_for decides
 
 
 @contextlib.contextmanager
 def attention_forced(kind):
     """Within it, every attention is the written-out one or the fused one: `inspect` records the
     written-out version's weights, `bench --contexts` times both, and tests compare them."""
-    global forced_attention
-    before, forced_attention = forced_attention, kind
+    forced_attention.append(kind)
     try:
         yield
     finally:
-        forced_attention = before
+        forced_attention.pop()
 
 
 def attention_for(q, k):
@@ -902,8 +901,8 @@ def attention_for(q, k):
     half precision, its is_causal kernel has let tokens see the future (pytorch issue 195910). Training
     in bfloat16 on a CPU up to context 512, the written-out step is faster (1.6x at the defaults). Keys
     in another number format than q (a float32 KV cache, below) get q cast to theirs, the output back."""
-    if forced_attention is not None:
-        fused = forced_attention == "fused"
+    if forced_attention:
+        fused = forced_attention[-1] == "fused"
     elif q.device.type == "mps":
         fused = q.dtype == torch.float32
     else:  # training (gradients on) in bfloat16 on a CPU, up to 512: written out
