@@ -1255,32 +1255,22 @@ def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, 
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage, words", [
-    ("truncated", ["not a readable checkpoint"]),
-    ("text", ["not a readable checkpoint"]),
-    ("missing keys", ["lacks", "model_state"]),
-    ("future format", ["format 99", "reads format 1"]),
-    ("not a dict", ["holds a list"]),
-    ("empty", ["not a readable checkpoint"]),
-    ("a folder", ["is not a file"]),
-])
-def test_a_damaged_checkpoint_gets_an_error_naming_the_file_and_the_problem(damage, words, trained, tmp_path):
-    good = (trained / "ckpt.pt").read_bytes()
+DAMAGED_CHECKPOINTS = {  # what is wrong: (how to make it at path from a good checkpoint's bytes, words its error has)
+    "truncated": (lambda path, good: path.write_bytes(good[:len(good) // 2]), ["not a readable checkpoint"]),
+    "text": (lambda path, good: path.write_text("this is not a checkpoint\n"), ["not a readable checkpoint"]),
+    "missing keys": (lambda path, good: torch.save({"format": 1, "config": {}}, path), ["lacks", "model_state"]),
+    "future format": (lambda path, good: torch.save({"format": 99}, path), ["format 99", "reads format 1"]),
+    "not a dict": (lambda path, good: torch.save([1, 2, 3], path), ["holds a list"]),
+    "empty": (lambda path, good: path.write_bytes(b""), ["not a readable checkpoint"]),
+    "a folder": (lambda path, good: path.mkdir(), ["is not a file"]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_CHECKPOINTS)
+def test_a_damaged_checkpoint_gets_an_error_naming_the_file_and_the_problem(damage, trained, tmp_path):
+    make, words = DAMAGED_CHECKPOINTS[damage]
     path = tmp_path / "ckpt.pt"
-    if damage == "truncated":
-        path.write_bytes(good[:len(good) // 2])
-    elif damage == "text":
-        path.write_text("this is not a checkpoint\n")
-    elif damage == "missing keys":
-        torch.save({"format": 1, "config": {}}, path)
-    elif damage == "future format":
-        torch.save({**torch.load(trained / "ckpt.pt", weights_only=True), "format": 99}, path)
-    elif damage == "not a dict":
-        torch.save([1, 2, 3], path)
-    elif damage == "a folder":
-        path.mkdir()
-    else:
-        path.write_bytes(b"")
+    make(path, (trained / "ckpt.pt").read_bytes())
     with pytest.raises(gpt.GPTError) as error:
         gpt.load_checkpoint(path)
     assert str(path) in str(error.value)
