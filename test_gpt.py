@@ -931,9 +931,8 @@ def test_the_best_checkpoint_holds_the_weights_that_scored_its_val_loss(trained)
 
 def test_a_checkpoint_holds_what_sampling_and_resuming_need(trained):
     checkpoint = gpt.load_checkpoint(trained / "last.pt")
-    for key in ("model_state", "config", "step", "loss", "tokenizer", "optimizer_state", "best_val_loss",
-                "train_args", "rng", "history", "format"):
-        assert key in checkpoint
+    assert {"model_state", "config", "step", "loss", "tokenizer", "optimizer_state", "best_val_loss", "train_args",
+            "rng", "history", "format"} <= checkpoint.keys()
     assert checkpoint["step"] == 30 and checkpoint["tokenizer"]["kind"] == "char"
     assert checkpoint["best_val_loss"] == min(h["val"] for h in checkpoint["history"])
     assert not any(name.startswith("_orig_mod") for name in checkpoint["model_state"])
@@ -956,9 +955,8 @@ def test_compiled_training_saves_the_plain_module(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="eager"))
     cfg = train_cfg(tmp_path, max_iters=3, compile=True)
     gpt.train(cfg)
-    state = gpt.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")["model_state"]
-    assert set(state) == set(gpt.GPT(gpt.GPTConfig(**gpt.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")["config"]))
-                             .state_dict())
+    checkpoint = gpt.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    assert set(checkpoint["model_state"]) == set(gpt.GPT(gpt.GPTConfig(**checkpoint["config"])).state_dict())
 
 
 def test_a_checkpoint_made_on_a_gpu_loads_on_cpu(trained, tmp_path):
@@ -1298,17 +1296,15 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path)
         process.send_signal(signal.SIGKILL)
         process.wait()
         for name in ("ckpt.pt", "last.pt"):
-            checkpoint = gpt.load_checkpoint(out / name)  # never half-written
-            gpt.model_from_checkpoint(checkpoint)
+            gpt.model_from_checkpoint(gpt.load_checkpoint(out / name))  # never half-written
         ElementTree.parse(out / "loss.svg")  # the picture is never half-written either
         steps.append(gpt.load_checkpoint(out / "last.pt")["step"])
         assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["ckpt.pt", "last.pt", "loss.svg"]
     assert steps == sorted(steps) and steps[-1] > steps[0]  # each run resumed where the last one was killed
-    # a leftover temporary file is cleaned up by the next save
+    # a leftover temporary file is cleaned up by the next save (of a run whose second --max-iters overrides the first)
     (out / ".last.pt.12345.tmp").write_bytes(b"half a checkpoint")
-    finished = subprocess.run(args[:args.index("--max-iters")] + ["--max-iters", str(steps[-1] + 2),
-                              "--eval-interval", "1", "--eval-iters", "1", "--device", "cpu", "--resume"],
-                              capture_output=True, text=True, timeout=120)
+    finished = subprocess.run(args + ["--max-iters", str(steps[-1] + 2), "--resume"], capture_output=True, text=True,
+                              timeout=120)
     assert finished.returncode == 0, finished.stderr
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "last.pt", "loss.svg"]
 
