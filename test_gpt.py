@@ -1018,14 +1018,13 @@ def test_every_setting_is_a_flag_whose_help_shows_its_default(capsys):
             assert gpt.flag(field.name) in text, (command, field.name)
         assert text.count("(default:") == len(gpt.dataclasses.fields(config_class)), command
     # the names scripts and the README rely on
-    train_help, sample_help = helps["train"], helps["sample"]
     for name in ("data", "tokenizer", "out-dir", "device", "dtype", "compile", "seed", "n-layer", "n-head",
                  "n-embd", "block-size", "dropout", "batch-size", "grad-accum", "max-iters", "lr", "min-lr",
                  "warmup-iters", "weight-decay", "eval-interval", "eval-iters", "resume", "init-from"):
-        assert f"--{name} " in train_help or f"--{name}\n" in train_help, name
+        assert f"--{name} " in helps["train"] or f"--{name}\n" in helps["train"], name
     for name in ("out-dir", "device", "prompt", "max-new-tokens", "temperature", "top-k", "top-p", "num-samples",
                  "seed", "no-kv-cache", "init-from"):
-        assert f"--{name} " in sample_help or f"--{name}\n" in sample_help, name
+        assert f"--{name} " in helps["sample"] or f"--{name}\n" in helps["sample"], name
 
 
 def test_importing_gpt_has_no_side_effects(tmp_path):
@@ -1932,10 +1931,8 @@ def test_the_fused_adamw_decision_is_made_up_front_from_the_parameters():
     config = gpt.GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8)
     with torch.device("meta"):  # a device with no fused kernel: torch would fail only at the first step()
         on_meta = gpt.GPT(config)
-    assert not gpt.use_fused_adamw(list(on_meta.parameters()))
     assert gpt.make_optimizer(on_meta, gpt.TrainConfig()).defaults["fused"] is False
     on_cpu = gpt.GPT(config)
-    assert gpt.use_fused_adamw(list(on_cpu.parameters()))
     optimizer = gpt.make_optimizer(on_cpu, gpt.TrainConfig())
     assert optimizer.defaults["fused"] is True
     on_cpu(torch.zeros((1, 8), dtype=torch.long), torch.zeros((1, 8), dtype=torch.long))[1].backward()
