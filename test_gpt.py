@@ -1108,10 +1108,9 @@ def test_a_bad_input_gets_one_clear_line_and_changes_nothing(name, argv, words, 
     if "--out-dir" not in argv:
         argv += ["--out-dir", str(tmp_path / "out")]
     before = folder_bytes(tmp_path)
-    code = gpt.main(argv)
+    assert gpt.main(argv) != 0
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code != 0
     assert len(lines) == 1, err
     assert "Traceback" not in err
     for word in words:
@@ -1243,8 +1242,6 @@ def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, 
     pickle.load(open(out / "ckpt.pt", "rb"))
     assert marker.exists()
     marker.unlink()
-    with pytest.raises(gpt.GPTError, match="refused"):
-        gpt.load_checkpoint(out / "ckpt.pt")
     assert gpt.main(["sample", "--out-dir", str(out)]) != 0
     err = capsys.readouterr().err
     assert "refused" in err and err.count("\n") == 1
