@@ -1940,7 +1940,7 @@ def sample(cfg, out=None):
     model.to(device=device, dtype=dtype)
     idx = torch.tensor([prompt], device=device)  # (1, T)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start, count = time.perf_counter(), 0
+    start = time.perf_counter()
     for i in range(cfg.num_samples):
         out.write(cfg.prompt)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a BPE token may end mid-character
@@ -1948,10 +1948,9 @@ def sample(cfg, out=None):
                                      not cfg.no_kv_cache, generator):
             out.write(decoder.decode(tokenizer.token_bytes(int(token))))
             out.flush()
-            count += 1
         out.write(decoder.decode(b"", final=True) + "\n" + ("-" * 40 + "\n" if i + 1 < cfg.num_samples else ""))
         out.flush()
-    seconds = time.perf_counter() - start
+    seconds, count = time.perf_counter() - start, cfg.num_samples * cfg.max_new_tokens
     log(f"{count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):,.1f} tokens/s "
         f"({device.type}, {dtype_name(dtype)}, {'no ' if cfg.no_kv_cache else ''}KV cache)")
     return count

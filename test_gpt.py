@@ -1004,8 +1004,10 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert sampled.stdout.startswith("KING") and len(sampled.stdout) == len("KING") + 50 + 1
     assert set(sampled.stdout) <= set(SHAKESPEARE[:30000]) | {"\n"}
     assert "tokens/s" in sampled.stderr
-    again = run_gpt("sample", "--out-dir", out, "--prompt", "KING", "--max-new-tokens", 50, "--seed", 3)
-    assert again.stdout == sampled.stdout  # same seed, same text
+    again = run_gpt("sample", "--out-dir", out, "--prompt", "KING", "--max-new-tokens", 50, "--seed", 3,
+                    "--num-samples", 2)
+    assert again.stdout.startswith(sampled.stdout + "-" * 40 + "\n")  # same seed, same text; then a second one
+    assert "100 tokens in" in again.stderr
 
 
 def test_every_setting_is_a_flag_whose_help_shows_its_default(capsys):
