@@ -1603,10 +1603,8 @@ def process_count():
 
 
 def share_of(next_batch):
-    """With N processes: next_batch called N times, the same windows on every process (their
-    generators stay in step), and this process's one kept. Alone: next_batch itself."""
-    if process_count() == 1:
-        return next_batch
+    """next_batch called N times (N processes), the same windows on every process (their generators
+    stay in step), and this process's one kept. Alone: one call, its batch kept."""
     return lambda: [next_batch() for _ in range(process_count())][process_rank()]
 
 
