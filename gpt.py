@@ -1809,9 +1809,8 @@ class TrainingRun:
             self.plan_length()
         due = time.perf_counter() - self.last_log_time >= LOG_EVERY_SECONDS and process_rank() == 0  # rank 0's clock
         due = due or self.timed_steps == 0 or self.step == cfg.max_iters
-        if process_count() > 1:  # every process logs (its collectives) and stops at the same step
-            agreed = all_reduced(torch.tensor([float(due), float(stop)]), dist.ReduceOp.MAX, self.control)
-            due, stop = bool(agreed[0]), bool(agreed[1])
+        # Every process logs (its collectives) and stops after the same step: one's due or stop is all's.
+        due, stop = map(bool, all_reduced(torch.tensor([float(due), float(stop)]), dist.ReduceOp.MAX, self.control))
         if not (due or stop):
             return False
         synchronize(self.device)  # a GPU may still be computing the steps it was given: wait, then read the clock

@@ -1715,7 +1715,9 @@ def test_ctrl_c_under_torchrun_stops_all_processes_at_one_step_and_resumes_bit_f
                        wait=False)
     wait_for(lambda: (tmp_path / "stopped" / "ckpt.pt").exists(), process, seconds=120)
     time.sleep(0.5)
-    process.send_signal(signal.SIGINT)  # torchrun passes it to both processes
+    # A Ctrl-C that reaches rank 1 alone: both processes must stop after the same step.
+    environs = {pid: Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in child_processes(process.pid)}
+    os.kill(next(pid for pid, environ in environs.items() if b"RANK=1" in environ), signal.SIGINT)
     err = process.communicate(timeout=120)[1]
     stopped = gpt.load_checkpoint(tmp_path / "stopped" / "last.pt")
     assert 0 < stopped["step"] < 120 and "stopped at step" in err, err
