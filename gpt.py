@@ -1771,12 +1771,9 @@ class TrainingRun:
     def evaluate_and_save(self, evaluate):
         """Collective. evaluate() -> {"train": loss, "val": loss}; save last.pt, and ckpt.pt too when
         the val loss is the best so far (one file, two names); draw loss.svg."""
-        self.check_finite()
         start = time.perf_counter()
         losses = {"step": self.step, **evaluate()}
-        bad = [f"the {split} loss is {losses[split]}" for split in ("train", "val") if not math.isfinite(losses[split])]
-        require(not bad, f"training diverged: {' and '.join(bad)} at step {self.step}; {self.out_dir / 'ckpt.pt'} "
-                f"is untouched. Try a lower --lr, or --dtype float32")
+        self.check_finite(losses["train"], losses["val"])
         self.history.append(losses)
         best = losses["val"] < self.best_val
         self.best_val = min(self.best_val, losses["val"])
@@ -1791,10 +1788,12 @@ class TrainingRun:
             f"{', best so far: saved ckpt.pt' if best else ''} ({self.eval_seconds:.1f}s)")
         self.last_log_time, self.last_log_step = time.perf_counter(), self.step  # the log times training steps only
 
-    def check_finite(self):
-        """Collective: stop every process if the last step's loss is NaN or infinite on any. (A loss
-        that has gone so stays so: the step's gradients spread it into the weights.)"""
-        if self.loss is not None and all_reduced(torch.isfinite(self.loss).logical_not().float(), dist.ReduceOp.MAX):
+    def check_finite(self, *evaluated):
+        """Collective: stop every process if the last step's loss is NaN or infinite on any, or a loss just
+        evaluated is (the same on all). A loss that has gone so stays so: the step's gradients spread it
+        into the weights; and a step whose own loss was finite can leave weights that are not."""
+        bad = self.loss is not None and all_reduced(torch.isfinite(self.loss).logical_not().float(), dist.ReduceOp.MAX)
+        if bad or not all(map(math.isfinite, evaluated)):
             last_good = f"{self.history[-1]['val']:.4f} at step {self.history[-1]['step']}" if self.history else "none yet"
             raise GPTError(f"training diverged: the loss was NaN or infinite by step {self.step} (last good val loss "
                            f"{last_good}); {self.out_dir / 'ckpt.pt'} is untouched. Try a lower --lr, or --dtype float32")

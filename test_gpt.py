@@ -1447,6 +1447,21 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_best_checkpoin
         assert all(torch.isfinite(t).all() for t in checkpoint["model_state"].values())
 
 
+def test_a_loss_evaluated_nan_stops_the_run_and_saves_nothing(tmp_path, monkeypatch):
+    # A step whose own loss was finite can leave NaN weights: the evaluation after it sees them first.
+    real, calls = gpt.estimate_loss, []
+
+    def nan_after_step_0(model, batches, autocast_ctx):
+        calls.append(model)
+        return real(model, batches, autocast_ctx) if len(calls) <= 2 else torch.tensor(float("nan"))
+
+    monkeypatch.setattr(gpt, "estimate_loss", nan_after_step_0)
+    cfg = train_cfg(tmp_path, max_iters=4, eval_interval=2)
+    with pytest.raises(gpt.GPTError, match=r"diverged.*step 2.*untouched"):
+        gpt.train(cfg)
+    assert [gpt.load_checkpoint(Path(cfg.out_dir) / name)["step"] for name in ("ckpt.pt", "last.pt")] == [0, 0]
+
+
 # ---------------------------------------------------------------------------------------------
 # corpora larger than memory: prepared token files
 # ---------------------------------------------------------------------------------------------
