@@ -1756,11 +1756,11 @@ class TrainingRun:
             dist.all_gather_object(state["rng_by_rank"], rng, group=self.control)
         return state
 
-    def save(self, path, also=None):
-        """Collective. Rank 0 writes the run's state to path (and also)."""
+    def save(self, name, also=None):
+        """Collective. Rank 0 writes the run's state to name in --out-dir (and the same file to also)."""
         state = self.state()
         if process_rank() == 0:
-            write_atomically(path, lambda f: torch.save(state, f), also)
+            write_atomically(self.out_dir / name, lambda f: torch.save(state, f), self.out_dir / also if also else None)
 
     def mean_loss(self, loss):  # collective: a step's loss averaged over the processes' micro-batches
         return all_reduced(loss, dist.ReduceOp.SUM).item() / process_count()
@@ -1777,10 +1777,7 @@ class TrainingRun:
         self.history.append(losses)
         best = losses["val"] < self.best_val
         self.best_val = min(self.best_val, losses["val"])
-        if best:
-            self.save(self.out_dir / "ckpt.pt", also=self.out_dir / "last.pt")
-        else:
-            self.save(self.out_dir / "last.pt")
+        self.save("ckpt.pt" if best else "last.pt", also="last.pt" if best else None)
         if process_rank() == 0:
             write_atomically(self.out_dir / "loss.svg", lambda f: f.write(loss_curve_svg(self.history).encode()))
         self.eval_seconds = time.perf_counter() - start
@@ -1849,7 +1846,7 @@ class TrainingRun:
     def finish(self, interrupted=False):
         """Collective (interrupted, it saves last.pt). Leave the process group; -> train()'s result."""
         if interrupted:
-            self.save(self.out_dir / "last.pt")
+            self.save("last.pt")
             log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. Continue with: "
                 f"python gpt.py train --resume --out-dir {self.out_dir}")
         else:
