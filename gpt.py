@@ -1660,11 +1660,10 @@ class TrainingRun:
         check_data_file(Path(cfg.data))
         token_file = read_token_file(cfg.data)  # (header, ids) of a file from `prepare`; None for a text
         text = "".join(text_chunks(cfg.data)) if token_file is None else None  # a text, read whole
-        self.resume = (resume_checkpoint or load_checkpoint(resume_path(self.out_dir))) if cfg.resume else None
-        if self.resume is None:
-            for name in ("ckpt.pt", "last.pt"):
-                require(not (self.out_dir / name).exists(), f"{self.out_dir / name} already holds a training run: "
-                        f"continue it with --resume, or train into another --out-dir")
+        saved = resume_path(self.out_dir)  # what --resume continues, and what a new run must not overwrite
+        self.resume = (resume_checkpoint or load_checkpoint(saved)) if cfg.resume else None
+        require(cfg.resume or not saved.exists(), f"{saved} already holds a training run: continue it with --resume, "
+                f"or train into another --out-dir")
         data_tokenizer = tokenizer_from_dict(token_file[0]["tokenizer"]) if token_file else None
         self.tokenizer, self.config, self.weights = model_source(cfg, text, self.resume, data_tokenizer)
         shape = {name: getattr(self.config, name) for name in SHAPE_FLAGS}
