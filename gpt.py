@@ -1548,7 +1548,7 @@ def model_source(cfg, text, resume, data_tokenizer):
     """-> (tokenizer, GPTConfig, weights or None), from the checkpoint resumed, from --init-from, or from
     the flags and the data. A flag may repeat a checkpoint's shape, not change it (but for --init-from's
     --block-size). data_tokenizer: a token file's, which must then be the model's."""
-    weights, source = None, None
+    weights, source = None, f"--data {cfg.data}"
     if resume is not None or (cfg.init_from is not None and Path(cfg.init_from).suffix == ".pt"):
         checkpoint = resume if resume is not None else load_checkpoint(cfg.init_from)
         source = f"the checkpoint {resume_path(Path(cfg.out_dir))}" if resume is not None else f"--init-from {cfg.init_from}"
@@ -1558,16 +1558,13 @@ def model_source(cfg, text, resume, data_tokenizer):
         (config, weights), tokenizer, source = read_gpt2_weights(cfg.init_from), BPETokenizer(), f"--init-from {cfg.init_from}"
     else:
         tokenizer = data_tokenizer or (BPETokenizer() if cfg.tokenizer == "bpe" else CharTokenizer.from_text(text))
-        source = f"--data {cfg.data}" if data_tokenizer else None
         shape = {name: getattr(GPTConfig if getattr(cfg, name) is None else cfg, name) for name in SHAPE_FLAGS}
         config = GPTConfig(vocab_size=tokenizer.vocab_size, **shape)  # the flags given, else GPTConfig's defaults
     if cfg.init_from is not None:
         config, weights = with_block_size(config, weights, cfg.block_size, source)
-    if source is not None:  # the shape comes from the checkpoint (or the file): a flag may only repeat it
-        for name in ("tokenizer", *SHAPE_FLAGS):
-            value, has = getattr(cfg, name), tokenizer.kind if name == "tokenizer" else getattr(config, name)
-            require(value is None or value == has, f"{flag(name)} {value} does not match {source}, which has "
-                    f"{name} {has}")
+    for name in ("tokenizer", *SHAPE_FLAGS):  # the source's tokenizer and shape: a flag may only repeat them
+        value, has = getattr(cfg, name), tokenizer.kind if name == "tokenizer" else getattr(config, name)
+        require(value is None or value == has, f"{flag(name)} {value} does not match {source}, which has {name} {has}")
     require(tokenizer.vocab_size == config.vocab_size, f"{source}: the model has {config.vocab_size} tokens, but "
             f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size}")
     if weights is not None:  # their names and shapes checked now, before anything is written (no memory taken)

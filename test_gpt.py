@@ -1531,7 +1531,7 @@ def test_training_on_a_text_and_on_its_prepared_tokens_gives_the_same_run_bit_fo
     assert a["history"] == b["history"] and a["tokenizer"] == b["tokenizer"]
 
 
-def test_resuming_on_data_prepared_with_another_tokenizer_is_refused_with_one_line(trained, tmp_path, capsys):
+def test_data_prepared_with_another_tokenizer_is_refused_with_one_line(trained, tmp_path, capsys):
     data = tmp_path / "data.txt"
     data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
     with contextlib.redirect_stderr(io.StringIO()):
@@ -1545,6 +1545,8 @@ def test_resuming_on_data_prepared_with_another_tokenizer_is_refused_with_one_li
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "another tokenizer" in err and "GPT-2's BPE" in err and "char" in err, err
     assert folder_bytes(run) == before
+    assert gpt.main(["train", "--data", str(bpe), "--tokenizer", "char", "--out-dir", str(tmp_path / "new")]) == 1
+    assert "--tokenizer char does not match" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def peak_memory_of(argv):
