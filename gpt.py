@@ -1600,14 +1600,12 @@ def process_count():
 
 
 def share_of(next_batch):
-    """next_batch called N times (N processes), the same windows on every process (their generators
-    stay in step), and this process's one kept. Alone: one call, its batch kept."""
+    """next_batch called once for each process, on every process (their generators stay in step): this one's kept."""
     return lambda: [next_batch() for _ in range(process_count())][process_rank()]
 
 
 def gradients_averaged(model, now):
-    """With DDP, the gradients are averaged across the processes in the backward pass when `now`
-    is true, and only then: no_sync around the forward and the backward of the others."""
+    """With DDP: the gradients are averaged in the backward pass when `now` is true; no_sync around all else."""
     if isinstance(model, nn.parallel.DistributedDataParallel) and not now:
         return model.no_sync()
     return contextlib.nullcontext()
@@ -1782,9 +1780,8 @@ class TrainingRun:
         self.last_log_time, self.last_log_step = time.perf_counter(), self.step  # the log times training steps only
 
     def check_finite(self, *evaluated):
-        """Collective: stop every process if the last step's loss is NaN or infinite on any, or a loss just
-        evaluated is (the same on all). A loss that has gone so stays so: the step's gradients spread it
-        into the weights; and a step whose own loss was finite can leave weights that are not."""
+        """Collective: stop every process if the last step's loss is NaN or infinite on any (it stays so: the
+        gradients spread it into the weights), or an evaluated loss is: a finite step can leave NaN weights."""
         bad = self.loss is not None and all_reduced(torch.isfinite(self.loss).logical_not().float(), dist.ReduceOp.MAX)
         if bad or not all(map(math.isfinite, evaluated)):
             last_good = f"{self.history[-1]['val']:.4f} at step {self.history[-1]['step']}" if self.history else "none yet"
