@@ -1740,9 +1740,8 @@ class TrainingRun:
         state = {"format": CHECKPOINT_FORMAT, "model_state": self.model.state_dict(),
                  "config": dataclasses.asdict(self.model.config), "tokenizer": tokenizer_to_dict(self.tokenizer),
                  "step": self.step, "loss": float("nan") if self.loss is None else self.mean_loss(self.loss),
-                 "best_val_loss": self.best_val,
-                 "history": self.history, "optimizer_state": self.optimizer.state_dict(),
-                 "train_args": dataclasses.asdict(self.cfg), "rng": rng}
+                 "best_val_loss": self.best_val, "history": self.history,
+                 "optimizer_state": self.optimizer.state_dict(), "train_args": dataclasses.asdict(self.cfg), "rng": rng}
         if self.scaler.is_enabled():
             state["scaler_state"] = self.scaler.state_dict()
         if process_count() > 1:
@@ -1821,7 +1820,6 @@ class TrainingRun:
         """Collective. --max-minutes: at step 1, start a clock; at step plan_at, set cfg.max_iters (the
         loop and the learning-rate schedule read it) to fill the minutes left with steps at the speed
         of the steps since, and evaluations as long as the one at step 0. Rank 0's count for all."""
-        cfg = self.cfg
         synchronize(self.device)
         if self.step == 1:
             self.plan_clock = time.perf_counter()
@@ -1829,11 +1827,11 @@ class TrainingRun:
         now = time.perf_counter()
         # The first hundred steps can run faster than the rest (docs/speed.md): the plan allows 5% more.
         step_seconds = 1.05 * (now - self.plan_clock) / (self.step - 1)
-        left = cfg.max_minutes * 60 - (now - self.started) - self.eval_seconds  # the last evaluation included
-        steps = self.step + max(0, int(left / (step_seconds + self.eval_seconds / cfg.eval_interval)))
+        left = self.cfg.max_minutes * 60 - (now - self.started) - self.eval_seconds  # the last evaluation included
+        steps = self.step + max(0, int(left / (step_seconds + self.eval_seconds / self.cfg.eval_interval)))
         steps = int(all_reduced(torch.tensor(float(steps) if process_rank() == 0 else 0.0), dist.ReduceOp.MAX))
-        cfg.max_iters, self.plan_at = steps, None
-        log(f"--max-minutes {cfg.max_minutes:g}: {steps:,} steps fit ({step_seconds * 1000:,.0f} ms a step, "
+        self.cfg.max_iters, self.plan_at = steps, None
+        log(f"--max-minutes {self.cfg.max_minutes:g}: {steps:,} steps fit ({step_seconds * 1000:,.0f} ms a step, "
             f"{self.eval_seconds:.1f} s an evaluation); training as with --max-iters {steps}")
 
     def finish(self, interrupted=False):
