@@ -18,6 +18,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -1185,10 +1186,7 @@ def test_a_bad_input_on_the_real_command_line_prints_one_line_and_no_traceback(t
 
 
 def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, tmp_path, capsys):
-    run = tmp_path / "run"
-    run.mkdir()
-    for f in trained.iterdir():
-        (run / f.name).write_bytes(f.read_bytes())
+    run = shutil.copytree(trained, tmp_path / "run")
     data = tmp_path / "data.txt"
     data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
     cases = [
@@ -1536,10 +1534,7 @@ def test_data_prepared_with_another_tokenizer_is_refused_with_one_line(trained, 
     data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
     with contextlib.redirect_stderr(io.StringIO()):
         bpe = gpt.prepare(gpt.PrepareConfig(data=str(data), tokenizer="bpe"))
-    run = tmp_path / "run"
-    run.mkdir()
-    for f in trained.iterdir():
-        (run / f.name).write_bytes(f.read_bytes())
+    run = shutil.copytree(trained, tmp_path / "run")
     before = folder_bytes(run)
     assert gpt.main(["train", "--resume", "--out-dir", str(run), "--data", str(bpe)]) == 1
     err = capsys.readouterr().err
@@ -1739,10 +1734,7 @@ def test_ctrl_c_under_torchrun_stops_all_processes_at_one_step_and_resumes_bit_f
     stopped = gpt.load_checkpoint(tmp_path / "stopped" / "last.pt")
     assert 0 < stopped["step"] < 120 and "stopped at step" in err, err
     assert err.count("stopped at step") == 1
-    again = tmp_path / "again"  # the same checkpoint, resumed by one process
-    again.mkdir()
-    for f in (tmp_path / "stopped").iterdir():
-        (again / f.name).write_bytes(f.read_bytes())
+    again = shutil.copytree(tmp_path / "stopped", tmp_path / "again")  # the same checkpoint, resumed by one process
     resumed = torchrun(2, "train", "--resume", "--out-dir", tmp_path / "stopped", "--max-iters", 120)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(gpt.load_checkpoint(tmp_path / "straight" / "last.pt"),
