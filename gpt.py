@@ -1562,7 +1562,7 @@ def model_source(cfg, text, resume, data_tokenizer):
         config = GPTConfig(vocab_size=tokenizer.vocab_size, **shape)  # the flags given, else GPTConfig's defaults
     if cfg.init_from is not None:
         config, weights = with_block_size(config, weights, cfg.block_size, source)
-    for name in ("tokenizer", *SHAPE_FLAGS):  # the source's tokenizer and shape: a flag may only repeat them
+    for name in ("tokenizer", *SHAPE_FLAGS):
         value, has = getattr(cfg, name), tokenizer.kind if name == "tokenizer" else getattr(config, name)
         require(value is None or value == has, f"{flag(name)} {value} does not match {source}, which has {name} {has}")
     require(tokenizer.vocab_size == config.vocab_size, f"{source}: the model has {config.vocab_size} tokens, but "
