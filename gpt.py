@@ -503,7 +503,7 @@ def train(cfg, resume_checkpoint=None):
         return {"train": train_loss.item(), "val": val_loss.item()}
 
     # One process (a first reading): training_model is model, micro_batches is grad_accum, share_of(next_batch)
-    # is next_batch. With N (torchrun, section 12): every process draws each micro-batch, keeps one in N
+    # draws as next_batch does. With N (torchrun, section 12): every process draws each micro-batch, keeps one in N
     # (share_of), computes grad_accum / N of them, and DDP averages the gradients (training_model).
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
