@@ -1395,11 +1395,15 @@ def test_max_minutes_plans_a_step_count_that_reproduces_the_run_and_resumes(tmp_
     cfg = train_cfg(tmp_path, max_minutes=0.05, warmup_iters=10, max_iters=100000, eval_interval=50)  # 3 seconds
     start = time.perf_counter()
     result = gpt.train(cfg)
-    assert time.perf_counter() - start < 3 + 10  # the budget, and the setting up around it
+    assert time.perf_counter() - start < 3 + 20  # the budget, and the setting up around it (on a busy machine)
     planned = gpt.load_checkpoint(tmp_path / "out" / "last.pt")
     steps = planned["train_args"]["max_iters"]
     assert result["step"] == planned["step"] == steps < 100000 and planned["train_args"]["max_minutes"] == 0.05
-    assert f"training as with --max-iters {steps}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"training as with --max-iters {steps}" in err
+    # The plan: its steps, at the speed it measured (printed to the ms), fit in the 3 seconds.
+    ms = float(re.search(r"steps fit \(([\d,]+) ms a step", err).group(1).replace(",", ""))
+    assert steps * max(ms - 0.5, 0) / 1000 <= 3
     # the same run, given that count: the same weights, bit for bit
     gpt.train(gpt.dataclasses.replace(cfg, max_minutes=None, max_iters=steps, out_dir=str(tmp_path / "counted")))
     assert_same_run(planned, gpt.load_checkpoint(tmp_path / "counted" / "last.pt"))
