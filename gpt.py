@@ -171,11 +171,11 @@ def get_batch(data, block_size, batch_size, generator):
 # which is why pre-LayerNorm stacks train stably without a long warm-up (Xiong et al. 2020).
 
 def causal_mask(Tq, Tk, dtype, device):
-    """The causal mask, (Tq, Tk), added to the scores. The target at position t is the input at
-    t + 1: a position that could look ahead would copy its answer instead of predicting it (and
-    when sampling, the future does not exist yet). So the query at position t sees keys 0..t
-    only: the mask adds 0 there and -inf on the future, whose weight becomes exp(-inf) = 0. The
-    queries are the last Tq of Tk positions. Left, training: Tq = Tk = 3. Right: Tq = 2, positions 3, 4 (Tk = 5).
+    """The causal mask, (Tq, Tk), added to the scores. The target at position t is the input at t + 1: a position
+    that could look ahead would copy its answer instead of predicting it (and when sampling, the future does
+    not exist yet). So the query at position t sees keys 0..t only: the mask adds 0 there and -inf on the
+    future, whose weight becomes exp(-inf) = 0. The queries are the last Tq of Tk positions. Left, training:
+    Tq = Tk = 3. Right: 2 new queries after 3 cached keys (Tk = 5); the sampler's new token has Tq = 1: zeros.
         [0 -inf -inf]        [0 0 0 0 -inf]
         [0    0 -inf]        [0 0 0 0    0]
         [0    0    0]
@@ -198,7 +198,7 @@ def causal_attention_written_out(q, k, v, dropout_p=0.0):
     scores = (q / math.sqrt(hs)) @ k.transpose(-2, -1)  # (B, nh, Tq, hs) @ (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
     scores += causal_mask(Tq, Tk, scores.dtype, q.device)  # (B, nh, Tq, Tk) + (Tq, Tk)
     weights = F.softmax(scores, dim=-1)  # (B, nh, Tq, Tk): each row sums to 1
-    weights = F.dropout(weights, dropout_p)  # in training: zero some weights, scale the rest by 1 / (1 - p)
+    weights = F.dropout(weights, dropout_p)  # p is 0 outside training; else zero some, scale the rest by 1 / (1 - p)
     return weights @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs): a weighted mean of values
 
 
@@ -218,8 +218,8 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
 
 
 # RoPE, rotary position embeddings (Su et al. 2021, RoFormer; pos="rope", where GPT-2 learns wpe),
-# is what most models since GPT-2 use. Read each pair of channels (x_j, x_{j + hs/2}) of a query
-# or a key as a complex number q_j or k_j: then q . k = Re sum_j q_j conj(k_j), as Re((a + ib) conj(c + id))
+# is what most models since GPT-2 use. Read each pair of channels (x_j, x_{j + hs/2}) as one complex
+# number: a query's pair q_j, a key's k_j. Then q . k = Re sum_j q_j conj(k_j), as Re((a + ib) conj(c + id))
 # = ac + bd. At position m, RoPE multiplies q_j by e^{i m theta_j}, a rotation (lengths kept), so a score is
 #   Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j}) = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}
 # The positions enter only through m - n, how far apart the two tokens are. The paper pairs
@@ -235,8 +235,8 @@ def rope_angles(positions, hs):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, nh, T, hs) pair by pair, channel j with channel j + hs/2, by the angles of its
-    positions: cos, sin (T, hs/2)."""
+    """x (B, nh, T, hs) times e^{i angle}, pair by pair: (x1 + i x2)(cos + i sin) = (x1 cos - x2 sin)
+    + i (x1 sin + x2 cos), x1 channel j, x2 channel j + hs/2; cos, sin (T, hs/2) of its positions."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2): the pairs' first and second channels
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs), rotated
@@ -275,7 +275,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
         # One of the two versions above: the fused one, unless section 8 finds it slower or wrong here.
-        attention = attention_for(q, k)  # (with a bfloat16 q and a float32 KV cache, it casts q to float32 and y back)
+        attention = attention_for(q, k)  # (and the number formats of q and a KV cache: section 8)
         y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
@@ -347,7 +347,7 @@ class GPT(nn.Module):
         # (sec. 2.3), not its code, also scales the layers that write into the residual stream by
         # 1/sqrt(N), N the number of such layers: two c_proj per block, so N = 2 * n_layer
         # (nanoGPT's reading). This keeps the stream's variance from growing with depth.
-        for name, p in self.named_parameters():  # the tied (V, C) matrix once, as wte: drawn once
+        for name, p in self.named_parameters():  # lists the shared (V, C) tensor once, as wte: drawn once
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
             elif name.endswith(".weight") and p.dim() == 2:  # Linear and Embedding weights
@@ -502,9 +502,9 @@ def train(cfg, resume_checkpoint=None):
         val_loss = estimate_loss(model, evaluation_batches(val_data, cfg.seed + 2, "val"), run.autocast_ctx)
         return {"train": train_loss.item(), "val": val_loss.item()}
 
-    # One process (a first reading): training_model is model, micro_batches is grad_accum, share_of(next_batch)
-    # draws as next_batch does. With N (torchrun, section 12): every process draws each micro-batch, keeps one in N
-    # (share_of), computes grad_accum / N of them, and DDP averages the gradients (training_model).
+    # The loop, one process: evaluate every eval_interval; set lr; train_step(model, ..., grad_accum micro-batches
+    # of next_batch); step += 1. With N processes (torchrun, section 12), each computes grad_accum / N micro-batches
+    # (share_of keeps its own one of every N drawn) and DDP averages the gradients (training_model).
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
@@ -550,8 +550,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     probs = F.softmax(logits, dim=-1)  # (B, V)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
-        # A token is in the nucleus if the tokens more likely than it add up to less than top_p (so
-        # the most likely token always is): probs .5 .3 .2 and top_p .7 keep .5 and .3 (.5 < .7).
+        # A token is in the nucleus if the tokens more likely than it add up to less than top_p (so the most
+        # likely always is). Probs .5 .3 .2, top_p .7: before them 0, .5, .8: keep .5 and .3, drop .2 (.8 >= .7).
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V): each back at its id
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
@@ -611,7 +611,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
     cache, pending = KVCache(model.config, context.size(0)), context
     for _ in range(max_new_tokens):
-        if cache.length + pending.size(1) > block_size:  # the cache is full: refill it with the newest half
+        if cache.length + pending.size(1) > block_size:  # full: refill with context's newest half (the last draw in it)
             pending, cache = context[:, -max(1, block_size // 2):], KVCache(model.config, context.size(0))
         # The prompt (or a refill) in one pass; after that, only the new token's position.
         with one_row_matmuls(pending):  # speed only (section 8): a new token's products are one row each
@@ -619,7 +619,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
         next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1)
         yield next_id
         pending = next_id.to(context.device)
-        context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, T + 1), the newest block_size tokens
+        context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, <= block_size): the newest tokens
 
 
 @torch.inference_mode()
