@@ -1693,8 +1693,8 @@ def torchrun(processes, *args, wait=True, timeout=240):
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
             str(HERE / "gpt.py"), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    if not wait:  # in a process group of its own, as a terminal starts a command: os.killpg is a Ctrl-C typed
+        return subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -1747,6 +1747,21 @@ def test_ctrl_c_under_torchrun_stops_all_processes_at_one_step_and_resumes_bit_f
     assert alone.returncode == 0, alone.stderr
     finished = gpt.load_checkpoint(again / "last.pt")
     assert finished["step"] == 120 and [h["step"] for h in finished["history"]][-1] == 120
+
+
+def test_ctrl_c_typed_at_torchrun_reaches_each_process_once_and_each_saves_at_one_step(tmp_path):
+    # A terminal's Ctrl-C goes to its foreground process group: torchrun alone (it starts each process
+    # in a session of its own), which passes it on once. Were it to reach a process twice, the second
+    # would stop it at once, without saving (test_a_second_ctrl_c_stops_at_once_without_saving).
+    process = torchrun(2, *ddp_args(tmp_path, **{"max-iters": 100000, "out-dir": tmp_path / "out"}), wait=False)
+    wait_for(lambda: (tmp_path / "out" / "ckpt.pt").exists(), process, seconds=120)
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGINT)
+    err = process.communicate(timeout=60)[1]
+    stopped = re.findall(r"stopped at step (\d+); saved", err)
+    assert len(stopped) == 1 and "interrupted" not in err, err
+    saved = gpt.load_checkpoint(tmp_path / "out" / "last.pt")
+    assert saved["step"] == int(stopped[0]) > saved["history"][-1]["step"]  # the step it stopped at, after an evaluation
 
 
 def child_processes(pid):
