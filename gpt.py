@@ -791,6 +791,10 @@ def flag(name):
     return "--" + name.replace("_", "-")  # block_size -> --block-size
 
 
+def check_seed(seed):  # torch's generators take 64 bits; train adds the process's rank to it
+    require(0 <= seed < 2**63, f"--seed must be a whole number from 0 to 2**63 - 1, got {seed}")
+
+
 def positive(settings, *names):
     """Flags that must be positive whole numbers: one check, one message."""
     for name in names:
@@ -1077,15 +1081,23 @@ class TokenFile:
         return ids & 0xFFFF if self.dtype == torch.int16 else ids  # uint16's bits, read as int16, made positive
 
 
+def is_token_file(path):  # whether path starts as prepare's files do
+    with open(path, "rb") as f:
+        return f.read(len(TOKEN_FILE_MAGIC)) == TOKEN_FILE_MAGIC
+
+
 def read_token_file(path):
     """A file written by prepare -> (its header, a TokenFile of its ids); None for any other file."""
     try:
+        if not is_token_file(path):
+            return None
         with open(path, "rb") as f:
-            if f.read(len(TOKEN_FILE_MAGIC)) != TOKEN_FILE_MAGIC:
-                return None
+            f.seek(len(TOKEN_FILE_MAGIC))
             header_size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(min(header_size, os.fstat(f.fileno()).st_size)))  # at most what the file has
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        raise GPTError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from None
+    except ValueError as e:
         raise GPTError(f"cannot read {str(path)!r} as a token file ({e})".splitlines()[0]) from None
     header = header if isinstance(header, dict) else {}  # JSON, but not a header: incomplete, below
     dtype = {"uint16": torch.int16, "uint32": torch.int32}.get(header.get("dtype"))  # the same bits, signed
@@ -1169,6 +1181,8 @@ def prepare(cfg):
     source, out = Path(cfg.data), Path(cfg.out or cfg.data + ".tokens")
     check_data_file(source)
     check_writable(out.parent, "--out")  # before the work, not after it
+    require(not out.is_file() or is_token_file(out), f"--out {str(out)!r} exists and is not a token "
+            f"file: prepare replaces only a token file, never a text or a checkpoint")
     size, tokenizer, lookup = source.stat().st_size, BPETokenizer() if cfg.tokenizer == "bpe" else None, None
     if tokenizer is None:  # a first pass for the vocabulary: the sorted set of characters
         chars = set()
@@ -1230,8 +1244,8 @@ def load_checkpoint(path):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types; each means "not a readable checkpoint"
         if "Weights only load failed" in str(e):
-            raise GPTError(f"refused to load {path}: it holds Python objects that could run code when "
-                           f"unpickled, and gpt.py loads checkpoints as data only") from None
+            raise GPTError(f"refused to load {path}: it is damaged, or holds Python objects that could run code "
+                           f"when unpickled, and gpt.py loads checkpoints as data only") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GPTError(f"{path} is not a readable checkpoint (truncated, or not written by gpt.py): {reason}") from None
     require(isinstance(checkpoint, dict), f"{path} is not a gpt.py checkpoint: it holds a {type(checkpoint).__name__}")
@@ -1310,6 +1324,7 @@ def gpt2_config_from_json(path):
         hf = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise GPTError(f"cannot read {str(path)!r} as a GPT-2 config.json ({e})".splitlines()[0]) from None
+    require(isinstance(hf, dict), f"{path} is not a GPT-2 config.json: it holds no JSON object")
     gpt2s = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * hf.get("n_embd", 768)),
              "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,), "layer_norm_epsilon": (1e-5,)}
     for key, accepted in gpt2s.items():  # settings that would make the checkpoint compute something else
@@ -1369,7 +1384,8 @@ def gpt2_weight_files(name_or_path):
     if path.is_dir():
         require((path / "model.safetensors").exists(), f"{str(path)!r} has no model.safetensors")
         path = path / "model.safetensors"
-    require(path.is_file() and path.suffix == ".safetensors", f"--init-from {name_or_path!r}: expected one of "
+    require(path.is_file() and path.suffix == ".safetensors", f"--init-from {name_or_path!r}"
+            f"{'' if path.exists() else ' does not exist'}: expected one of "
             f"{', '.join(GPT2_SIZES)}, a folder holding config.json and model.safetensors, or a .safetensors file")
     return path.with_name("config.json"), path
 
@@ -1506,12 +1522,13 @@ class TrainConfig:
     def __post_init__(self):  # the model's shape and dropout are GPTConfig's to check (section 12)
         positive(self, "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
                  *(["lr_decay_iters"] if self.lr_decay_iters is not None else []))
+        check_seed(self.seed)
         for name, ok, accepted in (("warmup_iters", self.warmup_iters >= 0, "0 or more"), ("lr", self.lr > 0, "positive"),
                                    ("min_lr", 0 <= self.min_lr <= self.lr, f"between 0 and --lr ({self.lr})"),
                                    ("weight_decay", self.weight_decay >= 0, "0 or more"),
                                    ("beta2", 0 < self.beta2 < 1, "in (0, 1)"), ("grad_clip", self.grad_clip > 0, "positive"),
                                    ("peak_flops", self.peak_flops is None or self.peak_flops > 0, "positive"),
-                                   ("max_minutes", self.max_minutes is None or self.max_minutes > 0, "positive")):
+                                   ("max_minutes", self.max_minutes is None or 0 < self.max_minutes < math.inf, "positive and finite")):
             require(ok, f"{flag(name)} must be {accepted}, got {getattr(self, name)}")
         require(self.max_minutes is None or self.warmup_iters >= 4, f"--max-minutes times the first steps, whose "
                 f"learning rate must not depend on the run's length: it needs --warmup-iters of 4 or more, got "
@@ -1529,7 +1546,9 @@ def resumed_config(given):
     require("init_from" not in given, "--resume continues a run; it cannot also start from --init-from")
     require("max_minutes" not in given, "--max-minutes plans a new run; a resumed run keeps the --max-iters it was "
             "given or planned: give --max-iters to train it longer")
-    checkpoint = load_checkpoint(resume_path(Path(given.get("out_dir", TrainConfig.out_dir))))
+    saved = resume_path(Path(given.get("out_dir", TrainConfig.out_dir)))
+    require(saved.exists(), f"--resume: {saved.parent} holds no training run (no last.pt or ckpt.pt) to continue")
+    checkpoint = load_checkpoint(saved)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in checkpoint.get("train_args", {}).items() if k in fields}
     saved["max_minutes"] = None  # planned once, when the run began: its count is the saved max_iters
@@ -1909,6 +1928,7 @@ class SampleConfig(TrainedModel):
     def __post_init__(self):
         require(self.max_new_tokens >= 0, f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}")
         positive(self, "num_samples")
+        check_seed(self.seed)
         check_sampling_settings(self.temperature, self.top_k, self.top_p, prefix="--")
 
 
@@ -2133,7 +2153,7 @@ def training_steps(config, device, dtype, batch_size):
     torch.manual_seed(0)
     model, train_cfg = GPT(config).to(device), TrainConfig()
     optimizer, scaler = make_optimizer(model, train_cfg), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    data, batches = torch.randint(config.vocab_size, (100_000,)), torch.Generator().manual_seed(0)
+    data, batches = torch.randint(config.vocab_size, (100_000 + config.block_size,)), torch.Generator().manual_seed(0)
 
     def next_batch():
         x, y = get_batch(data, config.block_size, batch_size, batches)
@@ -2349,6 +2369,12 @@ def main(argv=None):
     except BrokenPipeError:  # whoever read our output stopped reading (python gpt.py sample | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (OSError, MemoryError, RuntimeError) as e:  # a file the checks did not foresee; a size too large
+        if isinstance(e, RuntimeError) and not re.search(r"out of memory|can't allocate memory", str(e)):
+            raise  # any other RuntimeError is a bug in gpt.py: its traceback helps
+        log(f"error: {' '.join(str(e).split()) or type(e).__name__}" + ("" if isinstance(e, OSError) else
+            " (out of memory: try a smaller model, --batch-size or --block-size)"))
+        return 1
 
 
 if __name__ == "__main__":

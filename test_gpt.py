@@ -1185,6 +1185,20 @@ def test_a_bad_input_on_the_real_command_line_prints_one_line_and_no_traceback(t
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unforeseen_file_error_and_a_size_too_large_for_memory_get_one_line(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text(SHAKESPEARE[:5000], encoding="utf-8")
+    cases = [  # (flags, words of the one line): an OSError no check foresaw; an allocation of 80 GB
+        (["--out-dir", tmp_path / ("a" * 300)], ["File name too long"]),
+        (["--out-dir", tmp_path / "out", "--batch-size", 10**10, "--device", "cpu"], ["out of memory", "--batch-size"]),
+    ]
+    for flags, words in cases:
+        assert gpt.main([str(a) for a in ["train", "--data", data, *flags]]) == 1
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith("error: ") and all(word in err for word in words), err
+    assert not (tmp_path / "out" / "last.pt").exists()
+
+
 def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, tmp_path, capsys):
     run = shutil.copytree(trained, tmp_path / "run")
     data = tmp_path / "data.txt"
@@ -1195,9 +1209,17 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         (["train", "--resume", "--out-dir", run, "--data", data, "--n-embd", "32"], ["--n-embd 32", "n_embd 16"]),
         (["train", "--out-dir", run, "--data", data], ["already holds a training run", "--resume"]),
         (["sample", "--out-dir", run, "--prompt", "Hello ZZ ~ world"], ["lacks", "'~'"]),
-        (["train", "--resume", "--out-dir", tmp_path / "nothing", "--data", data], ["nothing", "does not exist"]),
+        (["train", "--resume", "--out-dir", tmp_path / "nothing", "--data", data], ["nothing", "holds no training run"]),
         (["inspect", "--out-dir", run, "--svg", data / "attention.svg"], ["--svg", "data.txt"]),  # a file, not a folder
+        (["train", "--out-dir", run, "--data", data, "--seed", 2**64], ["--seed", "2**63 - 1"]),  # torch's 64 bits
+        (["sample", "--out-dir", run, "--seed", -1], ["--seed", "from 0"]),
+        (["train", "--out-dir", tmp_path / "new", "--data", data, "--max-minutes", "inf"], ["--max-minutes", "finite"]),
+        (["sample", "--init-from", tmp_path / "gpt2.safetensors"], ["gpt2.safetensors' does not exist"]),
+        (["sample", "--init-from", tmp_path / "listed"], ["config.json", "no JSON object"]),
     ]
+    (tmp_path / "listed").mkdir()  # a GPT-2 folder whose config.json is JSON, but not an object
+    (tmp_path / "listed" / "config.json").write_text("[1, 2]")
+    (tmp_path / "listed" / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
     before = folder_bytes(tmp_path)
     for argv, words in cases:
         code = gpt.main([str(a) for a in argv])
@@ -1654,13 +1676,22 @@ def test_bad_prepare_inputs_get_one_line_and_leave_no_file(tmp_path, capsys):
         (["--data", str(tmp_path / "latin1.txt")], ["not UTF-8", "byte 11", "line 2"]),
         (["--data", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "a_file" / "ok.tokens")], ["--out", "a_file"]),
         (["--data", str(tmp_path / "ok.txt"), "--tokenizer", "words"], ["--tokenizer", "'words'"]),
+        # prepare replaces only a token file: never the text itself, another text, or a checkpoint
+        (["--data", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "ok.txt")], ["--out", "not a token file"]),
+        (["--data", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "a_file")], ["--out", "not a token file"]),
+        (["--data", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "ckpt.pt")], ["--out", "not a token file"]),
     ]
+    torch.save({"format": 1}, tmp_path / "ckpt.pt")
     before = folder_bytes(tmp_path)
     for argv, words in cases:
         assert gpt.main(["prepare", *argv]) != 0
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and all(word in err for word in words), (argv, err)
         assert folder_bytes(tmp_path) == before, argv
+    for text in ("some text\n", "other text\n"):  # a token file is replaced, as preparing a text again does
+        (tmp_path / "ok.txt").write_text(text, encoding="utf-8")
+        assert gpt.main(["prepare", "--data", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "ok.tokens")]) == 0
+        assert gpt.read_token_file(tmp_path / "ok.tokens")[0]["tokenizer"]["chars"] == "".join(sorted(set(text)))
 
 
 def test_a_damaged_token_file_gets_one_line_and_trains_nothing(tmp_path, capsys):
