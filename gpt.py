@@ -1095,9 +1095,7 @@ def read_token_file(path):
             f.seek(len(TOKEN_FILE_MAGIC))
             header_size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(min(header_size, os.fstat(f.fileno()).st_size)))  # at most what the file has
-    except OSError as e:
-        raise GPTError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from None
-    except ValueError as e:
+    except ValueError as e:  # an OSError (an unreadable file) gets its own one line from main (section 16)
         raise GPTError(f"cannot read {str(path)!r} as a token file ({e})".splitlines()[0]) from None
     header = header if isinstance(header, dict) else {}  # JSON, but not a header: incomplete, below
     dtype = {"uint16": torch.int16, "uint32": torch.int32}.get(header.get("dtype"))  # the same bits, signed
