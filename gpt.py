@@ -1171,7 +1171,8 @@ def encode_chunk(tokenizer, text, lookup, typecode, pool):
 class PrepareConfig:
     data: str = option("input.txt", "UTF-8 text file to encode")
     tokenizer: str = option("char", "char: one token per character; bpe: GPT-2's 50,257 tokens", choices=("char", "bpe"))
-    out: str = option(None, "the token file to write", default_text="the data file's name + .tokens")
+    out: str = option(None, "the token file to write (it replaces a token file, nothing else)",
+                      default_text="the data file's name + .tokens")
 
 
 def prepare(cfg):
@@ -1526,7 +1527,8 @@ class TrainConfig:
                                    ("weight_decay", self.weight_decay >= 0, "0 or more"),
                                    ("beta2", 0 < self.beta2 < 1, "in (0, 1)"), ("grad_clip", self.grad_clip > 0, "positive"),
                                    ("peak_flops", self.peak_flops is None or self.peak_flops > 0, "positive"),
-                                   ("max_minutes", self.max_minutes is None or 0 < self.max_minutes < math.inf, "positive and finite")):
+                                   ("max_minutes", self.max_minutes is None or 0 < self.max_minutes < math.inf,
+                                    "positive and finite")):
             require(ok, f"{flag(name)} must be {accepted}, got {getattr(self, name)}")
         require(self.max_minutes is None or self.warmup_iters >= 4, f"--max-minutes times the first steps, whose "
                 f"learning rate must not depend on the run's length: it needs --warmup-iters of 4 or more, got "
