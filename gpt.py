@@ -174,8 +174,9 @@ def causal_mask(Tq, Tk, dtype, device):
     """The causal mask, (Tq, Tk), added to the scores. The target at position t is the input at t + 1: a position
     that could look ahead would copy its answer instead of predicting it (and when sampling, the future does
     not exist yet). So the query at position t sees keys 0..t only: the mask adds 0 there and -inf on the
-    future, whose weight becomes exp(-inf) = 0. The queries are the last Tq of Tk positions. Left, training:
-    Tq = Tk = 3. Right: 2 new queries after 3 cached keys (Tk = 5); the sampler's new token has Tq = 1: zeros.
+    future, whose weight becomes exp(-inf) = 0. The queries are the last Tq of Tk positions (a sampled token
+    with a KV cache: Tq = 1, one row of zeros).
+    Training, Tq = Tk = 3:   2 new queries at 3, 4 after 3 cached keys (Tq = 2, Tk = 5):
         [0 -inf -inf]        [0 0 0 0 -inf]
         [0    0 -inf]        [0 0 0 0    0]
         [0    0    0]
@@ -223,8 +224,8 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
 # = ac + bd. At position m, RoPE multiplies q_j by e^{i m theta_j}, a rotation (lengths kept), so a score is
 #   Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j}) = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}
 # The positions enter only through m - n, how far apart the two tokens are. The paper pairs
-# neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do: a fixed
-# permutation of the channels, the same for q and k, which a dot product does not see.
+# neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do: that only
+# relabels the channels, the same way for q and k, and q . k sums over all channels alike.
 
 def rope_angles(positions, hs):
     """positions (T,) -> cos and sin of the angles m * theta_j, each (T, hs/2), in float64, with
@@ -250,9 +251,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        # c_attn computes q, k and v for all heads in one matmul: C -> 3C. ("c_": GPT-2's code
-        # computes its linear layers as 1-wide convolutions, "Conv1D": a Linear whose checkpoint holds
-        # the weight transposed, which section 11 undoes.)
+        # c_attn computes q, k and v for all heads in one matmul: C -> 3C. ("c_": GPT-2's names, from
+        # its 1-wide convolutions, "Conv1D", whose weights section 11 transposes into a Linear's.)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         # c_proj mixes the heads' outputs back into the residual stream: C -> C.
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -275,7 +275,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
         # One of the two versions above: the fused one, unless section 8 finds it slower or wrong here.
-        attention = attention_for(q, k)  # (and the number formats of q and a KV cache: section 8)
+        attention = attention_for(q, k)  # the fused or the written-out one, as section 8 picks for this device
         y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
@@ -502,9 +502,9 @@ def train(cfg, resume_checkpoint=None):
         val_loss = estimate_loss(model, evaluation_batches(val_data, cfg.seed + 2, "val"), run.autocast_ctx)
         return {"train": train_loss.item(), "val": val_loss.item()}
 
-    # The loop, one process: evaluate every eval_interval; set lr; train_step(model, ..., grad_accum micro-batches
-    # of next_batch); step += 1. With N processes (torchrun, section 12), each computes grad_accum / N micro-batches
-    # (share_of keeps its own one of every N drawn) and DDP averages the gradients (training_model).
+    # The loop: evaluate every eval_interval; set lr; train_step on grad_accum micro-batches; step += 1. In one
+    # process share_of(next_batch) draws as next_batch does and training_model is model. With N (torchrun,
+    # section 12), each computes grad_accum / N micro-batches and DDP averages the gradients.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
@@ -606,12 +606,12 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     token, and start again at every token). From then on the model sees block_size / 2 to block_size
     tokens, where the simple loop always sees block_size: training saw every length up to block_size,
     so both are contexts it knows. Example, block_size 4, prompt "ab": ab draws c; c draws d; d draws
-    e, with abcd stored: full; so "de" goes in at positions 0 and 1, and draws f."""
+    e, with abcd stored: full (context bcde); so "de" goes in at positions 0 and 1, and draws f."""
     block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
     cache, pending = KVCache(model.config, context.size(0)), context
     for _ in range(max_new_tokens):
-        if cache.length + pending.size(1) > block_size:  # full: refill with context's newest half (the last draw in it)
+        if cache.length + pending.size(1) > block_size:  # full: context's newest half, which ends with the last draw
             pending, cache = context[:, -max(1, block_size // 2):], KVCache(model.config, context.size(0))
         # The prompt (or a refill) in one pass; after that, only the new token's position.
         with one_row_matmuls(pending):  # speed only (section 8): a new token's products are one row each
