@@ -773,6 +773,11 @@ def write_atomically(path, write, also=None):
         os.close(folder)
 
 
+def starts_with(path, prefix):  # whether the file path begins with the bytes prefix
+    with open(path, "rb") as f:
+        return f.read(len(prefix)) == prefix
+
+
 def check_writable(folder, flag_name):
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -1081,15 +1086,10 @@ class TokenFile:
         return ids & 0xFFFF if self.dtype == torch.int16 else ids  # uint16's bits, read as int16, made positive
 
 
-def is_token_file(path):  # whether path starts as prepare's files do
-    with open(path, "rb") as f:
-        return f.read(len(TOKEN_FILE_MAGIC)) == TOKEN_FILE_MAGIC
-
-
 def read_token_file(path):
     """A file written by prepare -> (its header, a TokenFile of its ids); None for any other file."""
     try:
-        if not is_token_file(path):
+        if not starts_with(path, TOKEN_FILE_MAGIC):
             return None
         with open(path, "rb") as f:
             f.seek(len(TOKEN_FILE_MAGIC))
@@ -1180,7 +1180,7 @@ def prepare(cfg):
     source, out = Path(cfg.data), Path(cfg.out or cfg.data + ".tokens")
     check_data_file(source)
     check_writable(out.parent, "--out")  # before the work, not after it
-    require(not out.is_file() or is_token_file(out), f"--out {str(out)!r} exists and is not a token "
+    require(not out.is_file() or starts_with(out, TOKEN_FILE_MAGIC), f"--out {str(out)!r} exists and is not a token "
             f"file: prepare replaces only a token file, never a text or a checkpoint")
     size, tokenizer, lookup = source.stat().st_size, BPETokenizer() if cfg.tokenizer == "bpe" else None, None
     if tokenizer is None:  # a first pass for the vocabulary: the sorted set of characters
@@ -2107,6 +2107,8 @@ def inspect(cfg, out=None):
     n = min(len(ids), cfg.max_tokens)  # the tokens drawn: the last n
     path = Path(cfg.svg) if cfg.svg else Path(cfg.out_dir) / "attention.svg"
     check_writable(path.parent, "--svg" if cfg.svg else "--out-dir")
+    require(not path.is_file() or starts_with(path, b"<svg"), f"--svg {str(path)!r} exists and is not an SVG "
+            f"picture: inspect replaces only a picture it drew")
     with attention_forced("written out"), RecordingSoftmax() as softmaxes:
         logits, _ = model.to(device).eval()(torch.tensor([ids], device=device))  # (1, T, V)
     weights = [w[0].cpu() for w in softmaxes.outputs]  # per layer: (1, nh, T, T) -> (nh, T, T)

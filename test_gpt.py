@@ -1211,6 +1211,7 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         (["sample", "--out-dir", run, "--prompt", "Hello ZZ ~ world"], ["lacks", "'~'"]),
         (["train", "--resume", "--out-dir", tmp_path / "nothing", "--data", data], ["nothing", "holds no training run"]),
         (["inspect", "--out-dir", run, "--svg", data / "attention.svg"], ["--svg", "data.txt"]),  # a file, not a folder
+        (["inspect", "--out-dir", run, "--svg", run / "ckpt.pt"], ["--svg", "not an SVG"]),  # never a checkpoint
         (["train", "--out-dir", run, "--data", data, "--seed", 2**64], ["--seed", "2**63 - 1"]),  # torch's 64 bits
         (["sample", "--out-dir", run, "--seed", -1], ["--seed", "from 0"]),
         (["train", "--out-dir", tmp_path / "new", "--data", data, "--max-minutes", "inf"], ["--max-minutes", "finite"]),
