@@ -2362,19 +2362,16 @@ def main(argv=None):
             return 130 if train(cfg, checkpoint)["interrupted"] else 0
         run(config_class(**given))
         return 0
-    except GPTError as e:
-        log(f"error: {' '.join(str(e).split())}")
-        return 1
     except KeyboardInterrupt:
         log("\ninterrupted")
         return 130
     except BrokenPipeError:  # whoever read our output stopped reading (python gpt.py sample | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (OSError, MemoryError, RuntimeError) as e:  # a file the checks did not foresee; a size too large
+    except (GPTError, OSError, MemoryError, RuntimeError) as e:  # a check's error; a file no check foresaw; memory
         if isinstance(e, RuntimeError) and not re.search(r"out of memory|can't allocate memory", str(e)):
             raise  # any other RuntimeError is a bug in gpt.py: its traceback helps
-        log(f"error: {' '.join(str(e).split()) or type(e).__name__}" + ("" if isinstance(e, OSError) else
+        log(f"error: {' '.join(str(e).split()) or type(e).__name__}" + ("" if isinstance(e, (GPTError, OSError)) else
             " (out of memory: try a smaller model, --batch-size or --block-size)"))
         return 1
 
