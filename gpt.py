@@ -1535,6 +1535,10 @@ class TrainConfig:
                 f"{self.warmup_iters}")
 
 
+def plan_step(warmup_iters):  # the step at which --max-minutes sets max_iters (TrainingRun.plan_length)
+    return min(100, warmup_iters - 1)
+
+
 def resume_path(out_dir):
     """--resume continues from last.pt, the latest state; ckpt.pt if a run left only that."""
     return out_dir / "last.pt" if (out_dir / "last.pt").exists() else out_dir / "ckpt.pt"
@@ -1551,6 +1555,9 @@ def resumed_config(given):
     checkpoint = load_checkpoint(saved)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in checkpoint.get("train_args", {}).items() if k in fields}
+    require(not saved.get("max_minutes") or checkpoint["step"] >= plan_step(saved["warmup_iters"]) or "max_iters"
+            in given, f"--resume: the run stopped at step {checkpoint['step']}, before --max-minutes had planned its "
+            f"length: start it again, or give --max-iters")
     saved["max_minutes"] = None  # planned once, when the run began: its count is the saved max_iters
     if "max_iters" in given and "lr_decay_iters" not in given and saved.get("lr_decay_iters") is None:
         # Training longer than planned: keep the learning rate where the saved run's schedule
@@ -1725,7 +1732,7 @@ class TrainingRun:
         self.last_log_time, self.last_log_step = self.started, self.step
         # --max-minutes: the steps 2 .. plan_at are timed, all within the warm-up, whose learning
         # rate does not depend on max_iters: a run given the planned count takes the same steps.
-        self.plan_at = min(100, cfg.warmup_iters - 1) if cfg.max_minutes and self.resume is None else None
+        self.plan_at = plan_step(cfg.warmup_iters) if cfg.max_minutes and self.resume is None else None
 
     def restore(self, checkpoint):  # the optimizer, step, history and random state of the checkpoint
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])

@@ -1437,6 +1437,24 @@ def test_max_minutes_plans_a_step_count_that_reproduces_the_run_and_resumes(tmp_
         gpt.resumed_config({"resume": True, "out_dir": str(tmp_path / "out"), "max_minutes": 1.0})
 
 
+def test_a_max_minutes_run_stopped_before_its_plan_resumes_only_with_a_step_count(tmp_path, monkeypatch):
+    cfg = train_cfg(tmp_path, max_minutes=0.05, warmup_iters=10, max_iters=100000)  # the plan at step 9
+    real_learning_rate = gpt.learning_rate
+
+    def ctrl_c_at_step_5(step, cfg):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the loop finishes step 5, saves last.pt and stops
+        return real_learning_rate(step, cfg)
+    monkeypatch.setattr(gpt, "learning_rate", ctrl_c_at_step_5)
+    assert gpt.train(cfg)["interrupted"]
+    monkeypatch.setattr(gpt, "learning_rate", real_learning_rate)
+    out = {"resume": True, "out_dir": cfg.out_dir}
+    with pytest.raises(gpt.GPTError, match="stopped at step 6, before --max-minutes had planned"):
+        gpt.resumed_config(out)  # not 100,000 steps, the count the plan would have replaced
+    resumed, checkpoint = gpt.resumed_config({**out, "max_iters": 12})
+    assert gpt.train(resumed, checkpoint)["step"] == 12
+
+
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
     data = tmp_path / "data.txt"
     data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
