@@ -778,6 +778,20 @@ def starts_with(path, prefix):  # whether the file path begins with the bytes pr
         return f.read(len(prefix)) == prefix
 
 
+def locked(path, wait=True):
+    """path opened and locked (flock, on Unix) -> the open file: closing it, or the process ending, releases
+    the lock. Another process's lock makes it wait, or with wait=False return None."""
+    file = open(path, "w")
+    if sys.platform != "win32":
+        import fcntl  # Unix only
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            file.close()
+            return None
+    return file
+
+
 def check_writable(folder, flag_name):
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -1373,10 +1387,7 @@ def gpt2_weight_files(name_or_path):
     if name_or_path in GPT2_SIZES:
         path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt.py" / name_or_path
         path.mkdir(parents=True, exist_ok=True)
-        with open(path / ".lock", "w") as lock:
-            if sys.platform != "win32":
-                import fcntl  # Unix only
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        with locked(path / ".lock"):
             for file in ("config.json", "model.safetensors"):
                 if not (path / file).exists():
                     download(GPT2_URL.format(name=name_or_path, file=file), path / file)
@@ -1710,6 +1721,9 @@ class TrainingRun:
         """Keep the model, its optimizer and the batches' generator, to save them; with --resume,
         give them their saved state. Log what trains on what, and start the clocks."""
         self.model, self.optimizer, self.batch_rng = model, optimizer, batch_rng
+        self.lock = locked(self.out_dir / ".lock", wait=False) if process_rank() == 0 else None  # until finish()
+        require(self.lock or process_rank(), f"another training is writing into {self.out_dir}: wait for it to "
+                f"end, or train into another --out-dir")
         if process_rank():  # every process starts from the same weights; dropout differs from process to process
             torch.manual_seed(self.cfg.seed + process_rank())
         if self.resume is not None:
@@ -1872,6 +1886,8 @@ class TrainingRun:
                 f"--out-dir {self.out_dir}")
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.lock:
+            self.lock.close()
         return {"step": self.step, "best_val_loss": self.best_val, "history": self.history, "interrupted": interrupted}
 
 

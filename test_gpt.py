@@ -1325,7 +1325,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path)
     finished = subprocess.run(args + ["--max-iters", str(steps[-1] + 2), "--resume"], capture_output=True, text=True,
                               timeout=120)
     assert finished.returncode == 0, finished.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "last.pt", "loss.svg"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "ckpt.pt", "last.pt", "loss.svg"]  # .lock: see below
 
 
 def wait_for(condition, process, seconds=60):
@@ -1453,6 +1453,25 @@ def test_a_max_minutes_run_stopped_before_its_plan_resumes_only_with_a_step_coun
         gpt.resumed_config(out)  # not 100,000 steps, the count the plan would have replaced
     resumed, checkpoint = gpt.resumed_config({**out, "max_iters": 12})
     assert gpt.train(resumed, checkpoint)["step"] == 12
+
+
+def test_a_second_training_into_a_busy_out_dir_is_refused_and_the_first_runs_on(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(HERE / "gpt.py"), "train", "--data", str(data), "--out-dir", str(out),
+                                "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+                                "--max-iters", "100000", "--eval-interval", "5", "--eval-iters", "1", "--device", "cpu"],
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (out / "last.pt").exists(), process)
+    # --resume while it runs: the two would take turns overwriting last.pt, each deleting the other's temporary files
+    assert gpt.main(["train", "--resume", "--out-dir", str(out), "--max-iters", "1"]) == 1
+    assert "another training is writing into" in capsys.readouterr().err
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and "stopped at step" in err, err
+    step = gpt.load_checkpoint(out / "last.pt")["step"]
+    assert gpt.main(["train", "--resume", "--out-dir", str(out), "--max-iters", str(step + 1)]) == 0  # its lock is gone
 
 
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
