@@ -792,6 +792,10 @@ def locked(path, wait=True):
     return file
 
 
+def out_of_memory(e):  # a MemoryError, or a RuntimeError of torch's (CUDA's, MPS's, the CPU allocator's) saying so
+    return isinstance(e, MemoryError) or bool(re.search(r"out of memory|can't allocate memory", str(e)))
+
+
 def check_writable(folder, flag_name):
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -1561,9 +1565,9 @@ def resumed_config(given):
     require("init_from" not in given, "--resume continues a run; it cannot also start from --init-from")
     require("max_minutes" not in given, "--max-minutes plans a new run; a resumed run keeps the --max-iters it was "
             "given or planned: give --max-iters to train it longer")
-    saved = resume_path(Path(given.get("out_dir", TrainConfig.out_dir)))
-    require(saved.exists(), f"--resume: {saved.parent} holds no training run (no last.pt or ckpt.pt) to continue")
-    checkpoint = load_checkpoint(saved)
+    path = resume_path(Path(given.get("out_dir", TrainConfig.out_dir)))
+    require(path.exists(), f"--resume: {path.parent} holds no training run (no last.pt or ckpt.pt) to continue")
+    checkpoint = load_checkpoint(path)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in checkpoint.get("train_args", {}).items() if k in fields}
     require(not saved.get("max_minutes") or checkpoint["step"] >= plan_step(saved["warmup_iters"]) or "max_iters"
@@ -2302,8 +2306,8 @@ def time_context(T, attention, device, dtype, cfg):
             seconds = timed(step, cfg.context_steps, device)
         peak = memory_high_water(device)
         return seconds, None if peak is None or before is None else peak - before
-    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        if "memory" not in str(e).lower():
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
             raise
         return None
     finally:  # nothing of this context stays to weigh on the next one's time or memory
@@ -2392,7 +2396,7 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (GPTError, OSError, MemoryError, RuntimeError) as e:  # a check's error; a file no check foresaw; memory
-        if isinstance(e, RuntimeError) and not re.search(r"out of memory|can't allocate memory", str(e)):
+        if isinstance(e, RuntimeError) and not out_of_memory(e):
             raise  # any other RuntimeError is a bug in gpt.py: its traceback helps
         log(f"error: {' '.join(str(e).split()) or type(e).__name__}" + ("" if isinstance(e, (GPTError, OSError)) else
             " (out of memory: try a smaller model, --batch-size or --block-size)"))
