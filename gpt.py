@@ -275,7 +275,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
         # One of the two versions above: the fused one, unless section 8 finds it slower or wrong here.
-        attention = attention_for(q, k)  # the fused or the written-out one, as section 8 picks for this device
+        attention = attention_for(q, k)  # a function: causal_attention_fused or causal_attention_written_out
         y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
