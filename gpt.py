@@ -176,7 +176,7 @@ def causal_mask(Tq, Tk, dtype, device):
     not exist yet). So the query at position t sees keys 0..t only: the mask adds 0 there and -inf on the
     future, whose weight becomes exp(-inf) = 0. The queries are the last Tq of Tk positions (a sampled token
     with a KV cache: Tq = 1, one row of zeros).
-    Training, Tq = Tk = 3:   2 new queries at 3, 4 after 3 cached keys (Tq = 2, Tk = 5):
+    Left, training (Tq = Tk = 3). Right, queries at positions 3, 4 after keys 0..2 cached (Tq = 2, Tk = 5):
         [0 -inf -inf]        [0 0 0 0 -inf]
         [0    0 -inf]        [0 0 0 0    0]
         [0    0    0]
@@ -214,14 +214,14 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
     if Tq == 1:  # one new token with a KV cache: every earlier position is its past, nothing to mask
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
     # Several new tokens after cached ones (gpt.py's sampler never asks for this; a caller may):
-    # is_causal aligns its mask to the top-left corner (query i sees keys 0..i), wrong when Tq < Tk.
+    # is_causal would let query i see keys 0..i, where it should see 0..Tk - Tq + i: wrong when Tq < Tk.
     return causal_attention_written_out(q, k, v, dropout_p)
 
 
 # RoPE, rotary position embeddings (Su et al. 2021, RoFormer; pos="rope", where GPT-2 learns wpe),
-# is what most models since GPT-2 use. Read each pair of channels (x_j, x_{j + hs/2}) as one complex
-# number: a query's pair q_j, a key's k_j. Then q . k = Re sum_j q_j conj(k_j), as Re((a + ib) conj(c + id))
-# = ac + bd. At position m, RoPE multiplies q_j by e^{i m theta_j}, a rotation (lengths kept), so a score is
+# is what most models since GPT-2 use. Read a vector's channels in pairs as complex numbers, q_j = q[j] + i q[j + hs/2]
+# for a query q, k_j likewise for a key k. Then q . k = Re sum_j q_j conj(k_j), as Re((a + ib) conj(c + id)) = ac + bd.
+# RoPE turns q_j by e^{i m theta_j} at q's position m and k_j by e^{i n theta_j} at k's n (lengths kept); a score is
 #   Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j}) = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}
 # The positions enter only through m - n, how far apart the two tokens are. The paper pairs
 # neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do: that only
@@ -342,11 +342,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # (V, C)
 
-        # GPT-2's initialisation: weights drawn with std 0.02 as in OpenAI's code (which draws wpe
-        # with 0.01; like nanoGPT we use 0.02), biases zero, LayerNorms the identity (PyTorch's defaults). The paper
+        # GPT-2's initialisation: weights drawn with std 0.02 as in OpenAI's code, biases zero, LayerNorms
+        # the identity (PyTorch's defaults; their gains are 1-D, so no branch below matches them). The paper
         # (sec. 2.3), not its code, also scales the layers that write into the residual stream by
-        # 1/sqrt(N), N the number of such layers: two c_proj per block, so N = 2 * n_layer
-        # (nanoGPT's reading). This keeps the stream's variance from growing with depth.
+        # 1/sqrt(N), N the number of such layers: two c_proj per block, so N = 2 * n_layer (nanoGPT's
+        # reading). This keeps the stream's variance from growing with depth. (OpenAI draws wpe with 0.01.)
         for name, p in self.named_parameters():  # lists the shared (V, C) tensor once, as wte: drawn once
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -503,8 +503,8 @@ def train(cfg, resume_checkpoint=None):
         return {"train": train_loss.item(), "val": val_loss.item()}
 
     # The loop: evaluate every eval_interval; set lr; train_step on grad_accum micro-batches; step += 1. In one
-    # process share_of(next_batch) draws as next_batch does and training_model is model. With N (torchrun,
-    # section 12), each computes grad_accum / N micro-batches and DDP averages the gradients.
+    # process, share_of(next_batch) gives next_batch's batches and training_model is model. With N (torchrun,
+    # section 12), share_of gives each process its own grad_accum / N micro-batches; DDP averages the gradients.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
@@ -591,7 +591,7 @@ class KVCache:
         # stored position again.
         keys.narrow(2, start, T).copy_(k)  # (B, nh, T, hs) into positions start.. of (B, nh, block_size, hs)
         values.narrow(2, start, T).copy_(v)
-        if layer == self.n_layer - 1:
+        if layer == self.n_layer - 1:  # every layer of this pass wrote at the same start; GPT.forward read it once
             self.length += T
         return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)  # 2 x (B, nh, T_past + T, hs)
 
@@ -604,9 +604,9 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     position is absolute. So the cache starts again: the newest half of the context, computed anew
     in one pass at positions 0, 1, ... (with block_size - 1 tokens it would be full again after one
     token, and start again at every token). From then on the model sees block_size / 2 to block_size
-    tokens, where the simple loop always sees block_size: training saw every length up to block_size,
-    so both are contexts it knows. Example, block_size 4, prompt "ab": ab draws c; c draws d; d draws
-    e, with abcd stored: full (context bcde); so "de" goes in at positions 0 and 1, and draws f."""
+    tokens, where the simple loop always sees block_size: training saw every length up to block_size, so both
+    are contexts it knows. Example, block_size 4, prompt "ab", positions stored after each pass in brackets:
+    ab -> c [2]; c -> d [3]; d -> e [4: full]; refill: d, e at positions 0, 1 -> f [2]; f -> g [3]; ..."""
     block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
     cache, pending = KVCache(model.config, context.size(0)), context
@@ -619,7 +619,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
         next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1)
         yield next_id
         pending = next_id.to(context.device)
-        context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, <= block_size): the newest tokens
+        context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, <= block_size): only for a refill
 
 
 @torch.inference_mode()
