@@ -90,7 +90,7 @@ class CharTokenizer:
     def __init__(self, chars):
         self.chars = "".join(chars)
         self.index = {ch: i for i, ch in enumerate(self.chars)}
-        require(len(self.index) == len(self.chars) and self.chars,  # else one clear error (start of Part II)
+        require(len(self.index) == len(self.chars) and self.chars,  # distinct, not empty: else a clear error
                 "a character vocabulary needs distinct characters, at least one")
         self.vocab_size = len(self.chars)
         # An empty prompt starts from a new line, where a speech begins in a play.
@@ -218,14 +218,14 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
     return causal_attention_written_out(q, k, v, dropout_p)
 
 
-# RoPE, rotary position embeddings (Su et al. 2021, RoFormer; pos="rope", where GPT-2 learns wpe),
-# is what most models since GPT-2 use. Read a vector's channels in pairs as complex numbers, q_j = q[j] + i q[j + hs/2]
-# for a query q, k_j likewise for a key k. Then q . k = Re sum_j q_j conj(k_j), as Re((a + ib) conj(c + id)) = ac + bd.
-# RoPE turns q_j by e^{i m theta_j} at q's position m and k_j by e^{i n theta_j} at k's n (lengths kept); a score is
+# RoPE, rotary position embeddings (Su et al. 2021, RoFormer; pos="rope", where GPT-2 learns wpe), is what
+# most models since GPT-2 use. Read a vector's channels in pairs as complex numbers: for j < hs/2, a query q
+# gives q_j = q[j] + i q[j + hs/2] (i = sqrt(-1)), a key k gives k_j. Then q . k = Re sum_j q_j conj(k_j), as
+# Re((a + ib) conj(c + id)) = ac + bd. RoPE turns q_j by e^{i m theta_j} at q's position m, and k_j by
+# e^{i n theta_j} at k's position n (a rotation: lengths kept), so a score is
 #   Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j}) = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}
-# The positions enter only through m - n, how far apart the two tokens are. The paper pairs
-# neighbouring channels (2j, 2j + 1); we pair the two halves, as GPT-NeoX and LLaMA do: that only
-# relabels the channels, the same way for q and k, and q . k sums over all channels alike.
+# The positions enter only through m - n, how far apart the tokens are. The paper pairs channels (2j, 2j + 1);
+# we pair the halves, as GPT-NeoX and LLaMA do: a relabelling of channels, the same for q and k, that q . k ignores.
 
 def rope_angles(positions, hs):
     """positions (T,) -> cos and sin of the angles m * theta_j, each (T, hs/2), in float64, with
@@ -321,14 +321,14 @@ class GPT(nn.Module):
     """GPT-2: token ids (B, T) -> a score (logit) for every possible next token at every
     position (B, T, V), and with targets the loss. The layers carry GPT-2's checkpoint names:
     transformer.wte, transformer.wpe, transformer.h.0 ... h.{L-1} (the blocks),
-    transformer.ln_f, and lm_head, which is wte itself."""
+    transformer.ln_f, and lm_head, whose weight is wte's."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         # GPT-2's layers, in its order and names: the "word token embedding" (id -> vector), the
         # "word position embedding" (position -> vector; none with RoPE), the "hidden" blocks and a
-        # final LayerNorm: entries of one ModuleDict (assigning a module as an attribute adds an entry).
+        # final LayerNorm: one ModuleDict, built entry by entry as wpe is optional (assigning a module adds one).
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
@@ -346,7 +346,7 @@ class GPT(nn.Module):
         # the identity (PyTorch's defaults; their gains are 1-D, so no branch below matches them). The paper
         # (sec. 2.3), not its code, also scales the layers that write into the residual stream by
         # 1/sqrt(N), N the number of such layers: two c_proj per block, so N = 2 * n_layer (nanoGPT's
-        # reading). This keeps the stream's variance from growing with depth. (OpenAI draws wpe with 0.01.)
+        # reading). This keeps the stream's variance from growing with depth. (OpenAI's wpe: 0.01; ours 0.02.)
         for name, p in self.named_parameters():  # lists the shared (V, C) tensor once, as wte: drawn once
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -430,7 +430,7 @@ def train_step(model, optimizer, scaler, next_batch, micro_batches, autocast_ctx
     (reading its value makes the CPU wait for a GPU: the run reads it only to log). Accumulating
     the gradients of several micro-batches gives the step of a batch larger than fits in memory.
 
-    In float32 autocast_ctx and the scaler do nothing (scaler.step is optimizer.step()).
+    In float32, autocast_ctx and the scaler do nothing (scaler.step is optimizer.step()).
     Mixed precision (section 7): autocast_ctx runs the matmuls in bfloat16 or float16. In float16
     small gradients would round to zero, so the scaler multiplies the loss by a large factor
     before backward, unscale_ divides the gradients back before clipping (which must see their
@@ -470,7 +470,7 @@ def train(cfg, resume_checkpoint=None):
     """Train a GPT as cfg (a TrainConfig) says -> {"step", "best_val_loss", "history", "interrupted"}.
     `run`, a TrainingRun (section 12), is the engineering around the loop: it checks every input
     before anything is written, picks the device, joins other processes (torchrun), resumes a run,
-    logs, saves and stops. Its methods that every process must call (or all wait) say "collective"."""
+    logs, saves and stops. Methods that every process must call (else all wait) are marked "collective"."""
     run = TrainingRun(cfg, resume_checkpoint)
     cfg, device = run.cfg, run.device  # with --resume, the saved settings; flags given now override them
 
@@ -479,7 +479,7 @@ def train(cfg, resume_checkpoint=None):
     train_data, val_data = split_data(run.tokens, cfg.block_size)
 
     # The model: GPT-2's initialisation drawn from the seed, or the weights of --init-from (GPT-2's
-    # or a checkpoint's) or of a resumed run. run.config, a GPTConfig: theirs, else the flags' and tokenizer's.
+    # or a checkpoint's) or of a resumed run. run.config, a GPTConfig: the weights' own, else the flags'.
     torch.manual_seed(cfg.seed)
     model = GPT(run.config) if run.weights is None else model_with_weights(run.config, run.weights)  # section 11
     model.to(device)
@@ -503,8 +503,8 @@ def train(cfg, resume_checkpoint=None):
         return {"train": train_loss.item(), "val": val_loss.item()}
 
     # The loop: evaluate every eval_interval; set lr; train_step on grad_accum micro-batches; step += 1. In one
-    # process, share_of(next_batch) gives next_batch's batches and training_model is model. With N (torchrun,
-    # section 12), share_of gives each process its own grad_accum / N micro-batches; DDP averages the gradients.
+    # process, share_of(next_batch) gives next_batch's batches and training_model is model. With N processes
+    # (torchrun, section 12), micro_batches is grad_accum / N, share_of hands each its own; DDP averages the gradients.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
@@ -550,8 +550,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     probs = F.softmax(logits, dim=-1)  # (B, V)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
-        # A token is in the nucleus if the tokens more likely than it add up to less than top_p (so the most
-        # likely always is). Probs .5 .3 .2, top_p .7: before them 0, .5, .8: keep .5 and .3, drop .2 (.8 >= .7).
+        # A token is in the nucleus if the tokens more likely than it add up to less than top_p (so the likeliest
+        # token always is). Probs .5 .3 .2, top_p .7: before them 0, .5, .8: keep .5 and .3, drop .2 (.8 >= .7).
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V): each back at its id
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
@@ -591,7 +591,7 @@ class KVCache:
         # stored position again.
         keys.narrow(2, start, T).copy_(k)  # (B, nh, T, hs) into positions start.. of (B, nh, block_size, hs)
         values.narrow(2, start, T).copy_(v)
-        if layer == self.n_layer - 1:  # every layer of this pass wrote at the same start; GPT.forward read it once
+        if layer == self.n_layer - 1:  # all layers wrote at start = self.length (GPT.forward read it): grow it once
             self.length += T
         return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)  # 2 x (B, nh, T_past + T, hs)
 
@@ -605,7 +605,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     in one pass at positions 0, 1, ... (with block_size - 1 tokens it would be full again after one
     token, and start again at every token). From then on the model sees block_size / 2 to block_size
     tokens, where the simple loop always sees block_size: training saw every length up to block_size, so both
-    are contexts it knows. Example, block_size 4, prompt "ab", positions stored after each pass in brackets:
+    are contexts it knows. Example, block_size 4, prompt "ab"; "ab -> c [2]": pass ab, draw c, 2 positions stored:
     ab -> c [2]; c -> d [3]; d -> e [4: full]; refill: d, e at positions 0, 1 -> f [2]; f -> g [3]; ..."""
     block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
@@ -619,7 +619,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
         next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1)
         yield next_id
         pending = next_id.to(context.device)
-        context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, <= block_size): only for a refill
+        context = torch.cat([context, pending], dim=1)[:, -block_size:]  # (B, <= block_size): to refill the cache from
 
 
 @torch.inference_mode()
