@@ -660,7 +660,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
 #   14. Pictures         loss.svg from every run; `inspect`: next-token probabilities, attention.svg
 #   15. Benchmark        how fast this machine trains and samples
 #   16. Command line     train, sample, inspect, prepare, bench, and one-line errors
-# The measurements behind the choices made here are in docs/speed.md.
 
 import argparse  # noqa: E402
 import array  # noqa: E402
@@ -819,7 +818,6 @@ def check_seed(seed):  # torch's generators take 64 bits; train adds the process
 
 
 def positive(settings, *names):
-    """Flags that must be positive whole numbers: one check, one message."""
     for name in names:
         value = getattr(settings, name)
         require(isinstance(value, int) and value > 0, f"{flag(name)} must be a positive whole number, got {value}")
@@ -870,7 +868,6 @@ def dtype_name(dtype):
 
 
 def autocast(device, dtype):
-    """Run the matmuls in dtype (mixed precision); float32 needs no context at all."""
     return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
@@ -1050,7 +1047,6 @@ def check_data_file(path):
 
 
 def check_characters(tokenizer, text):
-    """CharTokenizer.encode's check (section 2): every character of text is in the vocabulary."""
     unknown = sorted(set(text) - tokenizer.index.keys())
     shown = ", ".join(repr(ch) for ch in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
     require(not unknown, f"the character vocabulary ({len(tokenizer.chars)} characters of the training text) "
@@ -1058,7 +1054,6 @@ def check_characters(tokenizer, text):
 
 
 def check_long_enough(n_tokens, n_val, block_size):
-    """split_data's check (section 3): both splits hold a window of block_size + 1 tokens."""
     need = 10 * (block_size + 1) + 10  # the 10% validation split then holds one window (+ 10: a margin)
     require(n_tokens - n_val > block_size and n_val > block_size, f"the data has {n_tokens} tokens: too short "
             f"for one window of block_size + 1 = {block_size + 1} tokens in both the training split (90%) and the "
@@ -1194,7 +1189,6 @@ class PrepareConfig:
 
 
 def prepare(cfg):
-    """Encode cfg.data into a token file (see this section's opening). -> its path."""
     source, out = Path(cfg.data), Path(cfg.out or cfg.data + ".tokens")
     check_data_file(source)
     check_writable(out.parent, "--out")  # before the work, not after it
@@ -1282,7 +1276,6 @@ def checkpoint_config(checkpoint, source):
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):
-    """-> (GPT with the checkpoint's weights, its tokenizer)."""
     model = model_with_weights(checkpoint_config(checkpoint, path), checkpoint["model_state"], source=path)
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     require(tokenizer.vocab_size == model.config.vocab_size, f"{path}: the tokenizer has {tokenizer.vocab_size} "
@@ -1429,9 +1422,9 @@ def read_gpt2_weights(name_or_path):
 
 
 def load_gpt2(name_or_path, dropout=0.0, block_size=None):
-    """GPT.from_pretrained (section 4): a GPT holding GPT-2's weights, with the given dropout and block_size."""
-    config, state = with_block_size(*read_gpt2_weights(name_or_path), block_size, f"--init-from {name_or_path}")
-    return model_with_weights(dataclasses.replace(config, dropout=dropout), state)
+    source = f"--init-from {name_or_path}"
+    config, state = with_block_size(*read_gpt2_weights(name_or_path), block_size, source)
+    return model_with_weights(dataclasses.replace(config, dropout=dropout), state, source)
 
 
 def with_block_size(config, state, block_size, source):
@@ -1463,8 +1456,6 @@ def model_with_weights(config, state, source="the checkpoint"):
 
 
 def gpt2_bpe_encoding():
-    """tiktoken's "gpt2" encoding (BPETokenizer, section 2), whose two files tiktoken downloads on
-    first use; offline, they must already be in TIKTOKEN_CACHE_DIR (README.md)."""
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises whatever its download raised
@@ -1480,7 +1471,6 @@ def gpt2_bpe_encoding():
 # logs tokens/s, MFU and an ETA. Each field of TrainConfig is a flag, its help beside its default.
 
 def check_model_config(config):
-    """GPTConfig's check (section 1): a clear error for a shape no model can have."""
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
         value = getattr(config, name)
         require(isinstance(value, int) and value > 0, f"{name} must be a positive whole number, got {value!r}")
@@ -1555,7 +1545,6 @@ def plan_step(warmup_iters):  # the step at which --max-minutes sets max_iters (
 
 
 def resume_path(out_dir):
-    """--resume continues from last.pt, the latest state; ckpt.pt if a run left only that."""
     return out_dir / "last.pt" if (out_dir / "last.pt").exists() else out_dir / "ckpt.pt"
 
 
@@ -1646,7 +1635,6 @@ def share_of(next_batch):
 
 
 def gradients_averaged(model, now):
-    """With DDP: the gradients are averaged in the backward pass when `now` is true; no_sync around all else."""
     if isinstance(model, nn.parallel.DistributedDataParallel) and not now:
         return model.no_sync()
     return contextlib.nullcontext()
@@ -1686,10 +1674,7 @@ def stop_on_ctrl_c():
 
 
 class TrainingRun:
-    """One training run's state and the work around train()'s loop: see this section's opening."""
-
     def __init__(self, cfg, resume_checkpoint=None):
-        """Check every input, before anything is written; pick the device; join the other processes."""
         self.device, self.out_dir = pick_device(cfg.device), Path(cfg.out_dir)
         self.dtype = pick_dtype(cfg.dtype, self.device)
         check_training_dtype(self.dtype, self.device)
@@ -1744,7 +1729,6 @@ class TrainingRun:
         log(f"device: {self.device.type} x {process_count()} process(es), {dtype_name(self.dtype)}, "
             f"{self.tokens_per_step:,} tokens per step, peak {self.peak / 1e9:,.0f} GFLOP/s"
             + (f"; resuming at step {self.step}" if self.resume else ""))
-        # ms/step counts training steps only; the ETA adds the evaluations to come.
         self.started = time.perf_counter()
         self.train_seconds, self.timed_steps, self.eval_seconds = 0.0, 0, 0.0
         self.last_log_time, self.last_log_step = self.started, self.step
@@ -1776,8 +1760,9 @@ class TrainingRun:
                                                         self.device.type == "cuda" else None)
         return model
 
-    def state(self):
-        """Collective (it gathers every process's random state). The run's whole state, as section 10 describes."""
+    def save(self, name, also=None):
+        """Collective (it gathers every process's random state). Rank 0 writes the run's whole state, as
+        section 10 describes, to name in --out-dir (and the same file to also, as one file with two names)."""
         rng = {"torch": torch.get_rng_state(), "batches": self.batch_rng.get_state(), "python": random.getstate()}
         if self.device.type in ("cuda", "mps"):  # dropout's random state on the GPU
             rng[self.device.type] = getattr(torch, self.device.type).get_rng_state()
@@ -1791,11 +1776,6 @@ class TrainingRun:
         if process_count() > 1:
             state["rng_by_rank"] = [None] * process_count()
             dist.all_gather_object(state["rng_by_rank"], rng, group=self.control)
-        return state
-
-    def save(self, name, also=None):
-        """Collective. Rank 0 writes the run's state to name in --out-dir (and the same file to also)."""
-        state = self.state()
         if process_rank() == 0:
             write_atomically(self.out_dir / name, lambda f: torch.save(state, f), self.out_dir / also if also else None)
 
@@ -1960,7 +1940,6 @@ class SampleConfig(TrainedModel):
 
 
 def sample(cfg, out=None):
-    """Write cfg.num_samples texts to out (stdout), token by token as they are drawn."""
     out = out or sys.stdout
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -2096,9 +2075,8 @@ def attention_svg(weights, labels):
 
 
 class RecordingSoftmax(torch.overrides.TorchFunctionMode):
-    """Within it, every F.softmax the code calls appends its output to self.outputs. A
-    TorchFunctionMode sees each torch function call: here, the softmax of the written-out
-    attention, whose output is the model's own attention weights."""
+    """Within it, every F.softmax (a TorchFunctionMode sees each torch call) appends its output to
+    self.outputs: in the written-out attention, the model's own attention weights."""
 
     def __init__(self):
         super().__init__()

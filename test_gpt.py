@@ -2193,7 +2193,7 @@ def test_a_gpt2_file_with_a_missing_or_misshapen_tensor_is_an_error_naming_it(da
     reference.config.save_pretrained(tmp_path)  # config.json beside it
     with pytest.raises(gpt.GPTError) as error:
         gpt.GPT.from_pretrained(str(tmp_path / "model.safetensors"))
-    for word in words:
+    for word in [f"--init-from {tmp_path / 'model.safetensors'}:", *words]:  # the file named, then the tensor
         assert word in str(error.value)
 
 
