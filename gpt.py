@@ -627,7 +627,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
                     generator=None):
     """Yield max_new_tokens new token ids, each (B, 1) on the CPU, one at a time. While the text fits
     in block_size both loops draw the same tokens for a float64 model; in float32 rounding can change one."""
-    check_sampling_settings(temperature, top_k, top_p, prompt=idx)  # one clear error for a bad value: section 13
+    check_sampling_settings(temperature, top_k, top_p, prompt=idx, vocab_size=model.config.vocab_size)  # section 13
 
     def draw(logits):  # (B, V) -> (B, 1)
         return sample_next_token(logits, temperature, top_k, top_p, generator)
@@ -1881,14 +1881,20 @@ class TrainingRun:
 # id is checked before it is decoded: torch.multinomial on MPS has returned out-of-range and
 # zero-probability ids (pytorch issues 92752, 98612, 192577; nanoGPT issue 458).
 
-def check_sampling_settings(temperature, top_k, top_p, prefix="", prompt=None):
-    """prefix: "--" when the values came from command-line flags; prompt: generate's idx, if given."""
+def check_sampling_settings(temperature, top_k, top_p, prefix="", prompt=None, vocab_size=None):
+    """One clear error for a bad value; prefix: "--" for command-line flags. prompt: generate's idx, if given,
+    ids below vocab_size (one past the embedding: an IndexError on a CPU, a device-side assert on CUDA)."""
     require(temperature >= 0, f"{prefix}temperature must be 0 or more (0 means greedy), got {temperature}")
     require(top_k is None or top_k >= 1, f"{prefix}top-k must be 1 or more, got {top_k}")
     require(top_p is None or 0 < top_p <= 1, f"{prefix}top-p must be in (0, 1], got {top_p}")
-    require(prompt is None or (prompt.dim() == 2 and prompt.size(1) >= 1), f"generate needs a prompt of shape "
-            f"(B, T) with T >= 1, got {tuple(prompt.shape) if prompt is not None else None}; start an empty text "
-            f"with the tokenizer's start_token")
+    if prompt is None:
+        return
+    shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+    require(isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.numel() >= 1, f"generate needs a "
+            f"prompt of shape (B, T) with B, T >= 1, got {shape}; start an empty text with the tokenizer's start_token")
+    require(prompt.dtype in (torch.int64, torch.int32) and 0 <= prompt.min() and prompt.max() < vocab_size,
+            f"generate's prompt must hold token ids, whole numbers from 0 to {vocab_size - 1}: got {prompt.dtype} "
+            f"from {prompt.min().item()} to {prompt.max().item()}")
 
 
 def checked_draw(next_ids, probs):

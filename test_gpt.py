@@ -873,6 +873,12 @@ def test_an_empty_prompt_or_a_full_cache_is_a_clear_error():
     model = tiny_model(config)
     with pytest.raises(gpt.GPTError, match="start_token"):
         gpt.generate(model, torch.zeros((1, 0), dtype=torch.long), 5)
+    # Not token ids of this model: a list, floats, an id past the vocabulary (on CUDA a device-side assert).
+    for prompt, words in (([[1, 2]], "got list;"), (torch.ones((1, 2)), "got torch.float32"),
+                          (torch.tensor([[3, 7]]), "from 0 to 6: got torch.int64 from 3 to 7"),
+                          (torch.tensor([[-1, 2]]), "from -1 to 2")):
+        with pytest.raises(gpt.GPTError, match=re.escape(words)):
+            gpt.generate(model, prompt, 5)
     cache = gpt.KVCache(config, 1)
     with torch.inference_mode():
         model(torch.zeros((1, 3), dtype=torch.long), kv_cache=cache)
