@@ -2310,17 +2310,17 @@ def bench_contexts(cfg, out):
               f"{cfg.context_steps} timed steps after a warm-up\n\n")
     out.write("| context | " + " | ".join(f"{v}: ms/step | tokens/s | peak memory" for v in variants) + " |\n"
               "|---|---|---|---|---|---|---|\n")
-    out_of_memory = {}
+    ran_out_at = {}
     with memory_bounded(device):
         # A first, untimed step loads the libraries' kernels, so that no variant in the table pays for it.
         time_context(min(contexts), "fused", device, dtype, dataclasses.replace(cfg, context_steps=1))
         for T in contexts:
             cells = []
             for variant in variants:
-                if T >= out_of_memory.get(variant, math.inf):
-                    cells.append(f"not tried (out of memory at {out_of_memory[variant]}) | | ")
+                if T >= ran_out_at.get(variant, math.inf):
+                    cells.append(f"not tried (out of memory at {ran_out_at[variant]}) | | ")
                 elif (result := time_context(T, variant, device, dtype, cfg)) is None:
-                    out_of_memory[variant] = T
+                    ran_out_at[variant] = T
                     cells.append("out of memory | | ")
                     log(f"context {T}, {variant}: out of memory")
                 else:
