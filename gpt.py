@@ -214,7 +214,7 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
     if Tq == 1:  # one new token with a KV cache: every earlier position is its past, nothing to mask
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
     # Several new tokens after cached ones (gpt.py's sampler never asks for this; a caller may):
-    # is_causal would let query i see keys 0..i, where it should see 0..Tk - Tq + i: wrong when Tq < Tk.
+    # SDPA's is_causal aligns top-left: query i would see keys 0..i, not 0..Tk - Tq + i: wrong when Tq < Tk.
     return causal_attention_written_out(q, k, v, dropout_p)
 
 
@@ -225,7 +225,7 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
 # e^{i n theta_j} at k's position n (a rotation: lengths kept), so a score is
 #   Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j}) = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}
 # The positions enter only through m - n, how far apart the tokens are. The paper pairs channels (2j, 2j + 1);
-# we pair the halves, as GPT-NeoX and LLaMA do: a relabelling of channels, the same for q and k, that q . k ignores.
+# we pair the halves, as GPT-NeoX and LLaMA do: the paper's RoPE on channels reordered alike in q and k, same scores.
 
 def rope_angles(positions, hs):
     """positions (T,) -> cos and sin of the angles m * theta_j, each (T, hs/2), in float64, with
@@ -328,7 +328,7 @@ class GPT(nn.Module):
         self.config = config
         # GPT-2's layers, in its order and names: the "word token embedding" (id -> vector), the
         # "word position embedding" (position -> vector; none with RoPE), the "hidden" blocks and a
-        # final LayerNorm: one ModuleDict, built entry by entry as wpe is optional (assigning a module adds one).
+        # final LayerNorm: one ModuleDict, built entry by entry as wpe is optional (transformer.wpe = ... adds one).
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
@@ -343,11 +343,11 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # (V, C)
 
         # GPT-2's initialisation: weights drawn with std 0.02 as in OpenAI's code, biases zero, LayerNorms
-        # the identity (PyTorch's defaults; their gains are 1-D, so no branch below matches them). The paper
+        # the identity (PyTorch's defaults: their 1-D gains match no branch below, their biases are zeroed). The paper
         # (sec. 2.3), not its code, also scales the layers that write into the residual stream by
         # 1/sqrt(N), N the number of such layers: two c_proj per block, so N = 2 * n_layer (nanoGPT's
         # reading). This keeps the stream's variance from growing with depth. (OpenAI's wpe: 0.01; ours 0.02.)
-        for name, p in self.named_parameters():  # lists the shared (V, C) tensor once, as wte: drawn once
+        for name, p in self.named_parameters():  # wte and lm_head share one tensor: listed (as wte), drawn once
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
             elif name.endswith(".weight") and p.dim() == 2:  # Linear and Embedding weights
@@ -479,7 +479,7 @@ def train(cfg, resume_checkpoint=None):
     train_data, val_data = split_data(run.tokens, cfg.block_size)
 
     # The model: GPT-2's initialisation drawn from the seed, or the weights of --init-from (GPT-2's
-    # or a checkpoint's) or of a resumed run. run.config, a GPTConfig: the weights' own, else the flags'.
+    # or a checkpoint's) or of a resumed run. run.config is the GPTConfig (the model's shape); cfg the TrainConfig.
     torch.manual_seed(cfg.seed)
     model = GPT(run.config) if run.weights is None else model_with_weights(run.config, run.weights)  # section 11
     model.to(device)
@@ -551,7 +551,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
         # A token is in the nucleus if the tokens more likely than it add up to less than top_p (so the likeliest
-        # token always is). Probs .5 .3 .2, top_p .7: before them 0, .5, .8: keep .5 and .3, drop .2 (.8 >= .7).
+        # token always is). Probs .5 .3 .2, top_p .7: sums of the likelier ones 0, .5, .8: keep .5, .3; drop .2.
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V): each back at its id
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
@@ -591,7 +591,7 @@ class KVCache:
         # stored position again.
         keys.narrow(2, start, T).copy_(k)  # (B, nh, T, hs) into positions start.. of (B, nh, block_size, hs)
         values.narrow(2, start, T).copy_(v)
-        if layer == self.n_layer - 1:  # all layers wrote at start = self.length (GPT.forward read it): grow it once
+        if layer == self.n_layer - 1:  # every layer writes at the same start (GPT.forward read it): the last grows it
             self.length += T
         return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)  # 2 x (B, nh, T_past + T, hs)
 
@@ -599,13 +599,13 @@ class KVCache:
 def sample_with_kv_cache(model, context, max_new_tokens, draw):
     """The same loop with a KV cache: the prompt in one pass, then one new position per token.
 
-    Once block_size positions are stored, the cache cannot just drop its oldest one: the keys and
-    values of every layer after the first were computed attending to that token, and a learned
+    Once block_size positions are stored, the cache cannot just drop its oldest one: the keys and values
+    of layers 2..L carry that token's information (their inputs attended to it), and a learned
     position is absolute. So the cache starts again: the newest half of the context, computed anew
     in one pass at positions 0, 1, ... (with block_size - 1 tokens it would be full again after one
     token, and start again at every token). From then on the model sees block_size / 2 to block_size
     tokens, where the simple loop always sees block_size: training saw every length up to block_size, so both
-    are contexts it knows. Example, block_size 4, prompt "ab"; "ab -> c [2]": pass ab, draw c, 2 positions stored:
+    are contexts it knows. Example, block_size 4, prompt "ab"; "x -> y [n]": pass x, draw y, n positions stored:
     ab -> c [2]; c -> d [3]; d -> e [4: full]; refill: d, e at positions 0, 1 -> f [2]; f -> g [3]; ..."""
     block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
