@@ -14,7 +14,7 @@ a final LayerNorm, and an output layer that shares its weights with the token em
 parameters carry the names of Hugging Face's GPT-2 checkpoints, which follow OpenAI's code, so
 GPT.from_pretrained("gpt2") loads the real weights into it.
 
-Part I, the GPT, is the code that runs; read it first. It takes a token to logits, a loss, a sample:
+Part I, the GPT, is the code that runs; read it first. It takes token ids to logits, a loss, a sample:
     1. Config           what a model is made of: GPTConfig
     2. Tokenizers       text <-> integers: CharTokenizer, BPETokenizer
     3. Data             token ids -> batches of (input, target) windows
@@ -214,7 +214,7 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
     if Tq == 1:  # one new token with a KV cache: every earlier position is its past, nothing to mask
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, 1, hs)
     # Several new tokens after cached ones (gpt.py's sampler never asks for this; a caller may):
-    # SDPA's is_causal aligns top-left: query i would see keys 0..i, not 0..Tk - Tq + i: wrong when Tq < Tk.
+    # SDPA's is_causal takes the queries as the first Tq positions (query i sees keys 0..i); ours are the last Tq.
     return causal_attention_written_out(q, k, v, dropout_p)
 
 
@@ -224,8 +224,8 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
 # Re((a + ib) conj(c + id)) = ac + bd. RoPE turns q_j by e^{i m theta_j} at q's position m, and k_j by
 # e^{i n theta_j} at k's position n (a rotation: lengths kept), so a score is
 #   Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j}) = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}
-# The positions enter only through m - n, how far apart the tokens are. The paper pairs channels (2j, 2j + 1);
-# we pair the halves, as GPT-NeoX and LLaMA do: the paper's RoPE on channels reordered alike in q and k, same scores.
+# The positions enter only through m - n, how far apart the tokens are. The paper pairs neighbours (2j, 2j + 1); we
+# pair j with j + hs/2 (GPT-NeoX, Hugging Face's LLaMA): the paper's scores on q, k with channels reordered alike.
 
 def rope_angles(positions, hs):
     """positions (T,) -> cos and sin of the angles m * theta_j, each (T, hs/2), in float64, with
@@ -328,7 +328,7 @@ class GPT(nn.Module):
         self.config = config
         # GPT-2's layers, in its order and names: the "word token embedding" (id -> vector), the
         # "word position embedding" (position -> vector; none with RoPE), the "hidden" blocks and a
-        # final LayerNorm: one ModuleDict, built entry by entry as wpe is optional (transformer.wpe = ... adds one).
+        # final LayerNorm: one ModuleDict, filled key by key as wpe is optional (assigning transformer.wpe adds it).
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
@@ -343,7 +343,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # (V, C)
 
         # GPT-2's initialisation: weights drawn with std 0.02 as in OpenAI's code, biases zero, LayerNorms
-        # the identity (PyTorch's defaults: their 1-D gains match no branch below, their biases are zeroed). The paper
+        # the identity (gain 1, PyTorch's default, kept: the loop below draws only 2-D weights; bias 0). The paper
         # (sec. 2.3), not its code, also scales the layers that write into the residual stream by
         # 1/sqrt(N), N the number of such layers: two c_proj per block, so N = 2 * n_layer (nanoGPT's
         # reading). This keeps the stream's variance from growing with depth. (OpenAI's wpe: 0.01; ours 0.02.)
@@ -443,7 +443,7 @@ def train_step(model, optimizer, scaler, next_batch, micro_batches, autocast_ctx
         with gradients_averaged(model, now=(i == micro_batches - 1)):
             with autocast_ctx:
                 _, loss = model(x, y)
-            scaler.scale(loss / micro_batches).backward()  # backward adds into .grad: the sum of means / n is the mean
+            scaler.scale(loss / micro_batches).backward()  # .grad sums the n backwards of loss / n: the mean's gradient
         total += loss.detach()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # one bad batch cannot throw the weights far
@@ -493,7 +493,7 @@ def train(cfg, resume_checkpoint=None):
 
     def evaluation_batches(data, seed, split):  # the same windows at every evaluation, drawn separately from training's
         generator = torch.Generator().manual_seed(seed)
-        for _ in Progress(f"evaluating the {split} loss", cfg.eval_iters):  # a long one logs (start of Part II)
+        for _ in Progress(f"evaluating the {split} loss", cfg.eval_iters):  # a long one logs (Progress: top of Part II)
             x, y = get_batch(data, cfg.block_size, cfg.batch_size, generator)
             yield to_device(x, device), to_device(y, device)
 
@@ -503,8 +503,8 @@ def train(cfg, resume_checkpoint=None):
         return {"train": train_loss.item(), "val": val_loss.item()}
 
     # The loop: evaluate every eval_interval; set lr; train_step on grad_accum micro-batches; step += 1. In one
-    # process, share_of(next_batch) gives next_batch's batches and training_model is model. With N processes
-    # (torchrun, section 12), micro_batches is grad_accum / N, share_of hands each its own; DDP averages the gradients.
+    # process share_of(next_batch) is next_batch, and training_model is model (compiled, with --compile). With N
+    # processes (torchrun, section 12) each runs grad_accum / N micro-batches, its share; DDP averages the gradients.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
@@ -591,7 +591,7 @@ class KVCache:
         # stored position again.
         keys.narrow(2, start, T).copy_(k)  # (B, nh, T, hs) into positions start.. of (B, nh, block_size, hs)
         values.narrow(2, start, T).copy_(v)
-        if layer == self.n_layer - 1:  # every layer writes at the same start (GPT.forward read it): the last grows it
+        if layer == self.n_layer - 1:  # every layer wrote at self.length (forward's start); the last advances it
             self.length += T
         return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)  # 2 x (B, nh, T_past + T, hs)
 
@@ -602,11 +602,11 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     Once block_size positions are stored, the cache cannot just drop its oldest one: the keys and values
     of layers 2..L carry that token's information (their inputs attended to it), and a learned
     position is absolute. So the cache starts again: the newest half of the context, computed anew
-    in one pass at positions 0, 1, ... (with block_size - 1 tokens it would be full again after one
-    token, and start again at every token). From then on the model sees block_size / 2 to block_size
-    tokens, where the simple loop always sees block_size: training saw every length up to block_size, so both
-    are contexts it knows. Example, block_size 4, prompt "ab"; "x -> y [n]": pass x, draw y, n positions stored:
-    ab -> c [2]; c -> d [3]; d -> e [4: full]; refill: d, e at positions 0, 1 -> f [2]; f -> g [3]; ..."""
+    in one pass at positions 0, 1, ... (Why half: refilled with block_size - 1 tokens, it would be full
+    after one more token, and refill at every token.) From then on the model sees block_size / 2 to
+    block_size tokens, where the simple loop always sees block_size; training saw every length up to
+    block_size, so both are contexts it knows. Example, block_size 4, prompt "ab"; read "x -> y [n]" as
+    "feed x, draw y, the cache now holds n": ab -> c [2]; c -> d [3]; d -> e [4: full]; refill: d, e -> f [2]."""
     block_size = model.config.block_size
     # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
     cache, pending = KVCache(model.config, context.size(0)), context
@@ -614,7 +614,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
         if cache.length + pending.size(1) > block_size:  # full: context's newest half, which ends with the last draw
             pending, cache = context[:, -max(1, block_size // 2):], KVCache(model.config, context.size(0))
         # The prompt (or a refill) in one pass; after that, only the new token's position.
-        with one_row_matmuls(pending):  # speed only (section 8): a new token's products are one row each
+        with one_row_matmuls(pending):  # speed only (section 8): one new token makes each matmul one row
             logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V)
         next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1)
         yield next_id
