@@ -224,8 +224,8 @@ def causal_attention_fused(q, k, v, dropout_p=0.0):
 # Re((a + ib) conj(c + id)) = ac + bd. RoPE turns q_j by e^{i m theta_j} at q's position m, and k_j by
 # e^{i n theta_j} at k's position n (a rotation: lengths kept), so a score is
 #   Re sum_j q_j e^{i m theta_j} conj(k_j e^{i n theta_j}) = Re sum_j q_j conj(k_j) e^{i (m - n) theta_j}
-# The positions enter only through m - n, how far apart the tokens are. The paper pairs neighbours (2j, 2j + 1); we
-# pair j with j + hs/2 (GPT-NeoX, Hugging Face's LLaMA): the paper's scores on q, k with channels reordered alike.
+# The positions enter only through m - n, how far apart the tokens are. The paper pairs neighbours (2j, 2j + 1);
+# pairing j with j + hs/2 (GPT-NeoX, Hugging Face's LLaMA) is the same method, q's and k's channels renumbered alike.
 
 def rope_angles(positions, hs):
     """positions (T,) -> cos and sin of the angles m * theta_j, each (T, hs/2), in float64, with
@@ -274,8 +274,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-        # One of the two versions above: the fused one, unless section 8 finds it slower or wrong here.
-        attention = attention_for(q, k)  # a function: causal_attention_fused or causal_attention_written_out
+        # Fused, but written out where section 8 found fused slower (CPU, bfloat16, training) or wrong (MPS, 16-bit).
+        attention = attention_for(q, k)  # one of the two functions above (q cast to a float32 cache's format)
         y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
@@ -342,8 +342,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # (V, C)
 
-        # GPT-2's initialisation: weights drawn with std 0.02 as in OpenAI's code, biases zero, LayerNorms
-        # the identity (gain 1, PyTorch's default, kept: the loop below draws only 2-D weights; bias 0). The paper
+        # GPT-2's initialisation: weights drawn with std 0.02 as in OpenAI's code, biases zero; LayerNorms keep
+        # PyTorch's start, the identity (gain 1, bias 0), as the loop below draws only 2-D weights. The paper
         # (sec. 2.3), not its code, also scales the layers that write into the residual stream by
         # 1/sqrt(N), N the number of such layers: two c_proj per block, so N = 2 * n_layer (nanoGPT's
         # reading). This keeps the stream's variance from growing with depth. (OpenAI's wpe: 0.01; ours 0.02.)
@@ -429,8 +429,8 @@ def train_step(model, optimizer, scaler, next_batch, micro_batches, autocast_ctx
     """One optimizer step over micro_batches batches from next_batch() -> their mean loss, a tensor
     (reading its value makes the CPU wait for a GPU: the run reads it only to log). Accumulating
     the gradients of several micro-batches gives the step of a batch larger than fits in memory.
+    In float32, autocast_ctx and the scaler do nothing (scaler.step is optimizer.step()): read past them.
 
-    In float32, autocast_ctx and the scaler do nothing (scaler.step is optimizer.step()).
     Mixed precision (section 7): autocast_ctx runs the matmuls in bfloat16 or float16. In float16
     small gradients would round to zero, so the scaler multiplies the loss by a large factor
     before backward, unscale_ divides the gradients back before clipping (which must see their
@@ -468,18 +468,18 @@ def estimate_loss(model, batches, autocast_ctx):
 
 def train(cfg, resume_checkpoint=None):
     """Train a GPT as cfg (a TrainConfig) says -> {"step", "best_val_loss", "history", "interrupted"}.
-    `run`, a TrainingRun (section 12), is the engineering around the loop: it checks every input
-    before anything is written, picks the device, joins other processes (torchrun), resumes a run,
-    logs, saves and stops. Methods that every process must call (else all wait) are marked "collective"."""
+    `run`, a TrainingRun (section 12), is the engineering around the loop: it checks every input before
+    anything is written, picks the device, reads the text and picks the tokenizer, joins other processes
+    (torchrun), resumes a run, logs, saves and stops. "Collective": every process must call it (else all wait)."""
     run = TrainingRun(cfg, resume_checkpoint)
     cfg, device = run.cfg, run.device  # with --resume, the saved settings; flags given now override them
 
-    # The data: every token id of the text (TrainingRun read and encoded it, or a file of ids from
-    # `prepare`: section 9), 90% to train on, 10% to validate on.
+    # The data: every token id of the text (run.tokens: the text encoded with run.tokenizer, char unless --tokenizer
+    # bpe; or a file of ids from `prepare`, section 9), 90% to train on, 10% to validate on.
     train_data, val_data = split_data(run.tokens, cfg.block_size)
 
-    # The model: GPT-2's initialisation drawn from the seed, or the weights of --init-from (GPT-2's
-    # or a checkpoint's) or of a resumed run. run.config is the GPTConfig (the model's shape); cfg the TrainConfig.
+    # The model: GPT-2's initialisation drawn from the seed, or the weights of --init-from (GPT-2's or a checkpoint's)
+    # or of a resumed run. run.config is its GPTConfig: the shape flags (or the weights'), vocab_size the tokenizer's.
     torch.manual_seed(cfg.seed)
     model = GPT(run.config) if run.weights is None else model_with_weights(run.config, run.weights)  # section 11
     model.to(device)
@@ -550,7 +550,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     probs = F.softmax(logits, dim=-1)  # (B, V)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
-        # A token is in the nucleus if the tokens more likely than it add up to less than top_p (so the likeliest
+        # A token is in the nucleus if the tokens sorted before it add up to less than top_p (so the likeliest
         # token always is). Probs .5 .3 .2, top_p .7: sums of the likelier ones 0, .5, .8: keep .5, .3; drop .2.
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V): each back at its id
@@ -602,13 +602,13 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     Once block_size positions are stored, the cache cannot just drop its oldest one: the keys and values
     of layers 2..L carry that token's information (their inputs attended to it), and a learned
     position is absolute. So the cache starts again: the newest half of the context, computed anew
-    in one pass at positions 0, 1, ... (Why half: refilled with block_size - 1 tokens, it would be full
-    after one more token, and refill at every token.) From then on the model sees block_size / 2 to
-    block_size tokens, where the simple loop always sees block_size; training saw every length up to
-    block_size, so both are contexts it knows. Example, block_size 4, prompt "ab"; read "x -> y [n]" as
-    "feed x, draw y, the cache now holds n": ab -> c [2]; c -> d [3]; d -> e [4: full]; refill: d, e -> f [2]."""
+    in one pass at positions 0, 1, ... Example, block_size 4, prompt "ab"; read "x -> y [n]" as "feed x,
+    draw y, the cache now holds n": ab -> c [2]; c -> d [3]; d -> e [4: full]; refill: d, e -> f [2].
+    Why half: refilled with block_size - 1 tokens, it would be full after one more token, and refill at
+    every token. From then on the model sees block_size / 2 to block_size tokens, where the simple loop
+    always sees block_size; training saw every length up to block_size, so both are contexts it knows."""
     block_size = model.config.block_size
-    # pending: the tokens not in the cache yet: the prompt, then each new token (after a refill, the newest half)
+    # pending: the tokens to feed next, not yet in the cache: the prompt; each drawn token; a refill's half (d, e above)
     cache, pending = KVCache(model.config, context.size(0)), context
     for _ in range(max_new_tokens):
         if cache.length + pending.size(1) > block_size:  # full: context's newest half, which ends with the last draw
