@@ -22,9 +22,10 @@ Part I, the GPT, is the code that runs; read it first. It takes token ids to log
     5. Training         learning-rate schedule, AdamW, one training step, evaluation, the run
     6. Sampling         temperature, top-k, top-p; recomputing the context; the KV cache
 
-Part II (sections 7 to 16) makes it fast, safe and usable; Part I calls into it by names that
-say what happens there. A first reading can take Tq = Tk, kv_cache None, float32, one process,
-and skip RoPE, causal_attention_fused (the same maths in one call), KVCache and sample_with_kv_cache.
+Part II (sections 7 to 16) makes it fast, safe and usable; Part I calls into it by names that say what
+happens there. A first reading can take Tq = Tk, kv_cache None, float32, one process, and skip RoPE,
+causal_attention_fused (the same maths in one call), KVCache and sample_with_kv_cache (generate's
+default loop; sample_by_recomputing, its simple twin, draws the same tokens, more slowly).
 
 Shapes are written in comments with these letters:
     B  batch size (how many sequences at once)     T  time: tokens in a sequence (Tq of queries, Tk of keys)
@@ -275,7 +276,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
         # Fused, but written out where section 8 found fused slower (CPU, bfloat16, training) or wrong (MPS, 16-bit).
-        attention = attention_for(q, k)  # one of the two functions above (q cast to a float32 cache's format)
+        attention = attention_for(q, k)  # one of the two functions above, chosen in section 8
         y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
         y = self.c_proj(y)  # (B, T, C) -> (B, T, C)
@@ -396,9 +397,9 @@ class GPT(nn.Module):
 # windows, compute the loss (the mean of -log p(the true next token)), backpropagate to get the
 # gradient of every weight, clip it, and let AdamW update the weights. Every eval_interval
 # steps, the loss on held-out text (validation) says whether the model learns or memorises.
-# The settings come in cfg, a TrainConfig (section 12), one field per command-line flag; by default
-# batch_size 32, lr 4e-3 after 100 warm-up steps, down to min_lr 3e-5 at max_iters 3,000, weight
-# decay 0.7 (GPT-3's is 0.1; 0.7 did best for this small model: docs/results.md), beta2 0.99.
+# The settings come in cfg, a TrainConfig (section 12), one field per command-line flag; by default batch_size
+# 32 and grad_accum 1 (micro-batches per step), lr 4e-3 after 100 warm-up steps, down to min_lr 3e-5 at max_iters
+# 3,000, weight decay 0.7 (GPT-3's is 0.1; 0.7 did best for this small model: docs/results.md), beta2 0.99.
 
 def learning_rate(step, cfg):
     """Linear warm-up, then a cosine decay to min_lr (GPT-3, appendix B). A pre-LayerNorm model
@@ -604,16 +605,15 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     position is absolute. So the cache starts again: the newest half of the context, computed anew
     in one pass at positions 0, 1, ... Example, block_size 4, prompt "ab"; read "x -> y [n]" as "feed x,
     draw y, the cache now holds n": ab -> c [2]; c -> d [3]; d -> e [4: full]; refill: d, e -> f [2].
-    Why half: refilled with block_size - 1 tokens, it would be full after one more token, and refill at
-    every token. From then on the model sees block_size / 2 to block_size tokens, where the simple loop
+    Why half: refilled with block_size - 1 tokens, it would be full again after one more token, and refill
+    every other token. From then on the model sees block_size / 2 to block_size tokens, where the simple loop
     always sees block_size; training saw every length up to block_size, so both are contexts it knows."""
     block_size = model.config.block_size
     # pending: the tokens to feed next, not yet in the cache: the prompt; each drawn token; a refill's half (d, e above)
     cache, pending = KVCache(model.config, context.size(0)), context
     for _ in range(max_new_tokens):
-        if cache.length + pending.size(1) > block_size:  # full: context's newest half, which ends with the last draw
+        if cache.length + pending.size(1) > block_size:  # full: refill from context (last line), its newest half
             pending, cache = context[:, -max(1, block_size // 2):], KVCache(model.config, context.size(0))
-        # The prompt (or a refill) in one pass; after that, only the new token's position.
         with one_row_matmuls(pending):  # speed only (section 8): one new token makes each matmul one row
             logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V)
         next_id = draw(logits[:, -1, :])  # (B, V) -> (B, 1)
