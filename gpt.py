@@ -542,7 +542,7 @@ def train(cfg, resume_checkpoint=None):
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> the next token ids (B, 1), on the CPU."""
     logits = logits.float().cpu()  # (B, V) -> (B, V) in float32 on the CPU
-    if temperature == 0:
+    if temperature < 1e-5:  # 0, or below 1e-5 as in vLLM: greedy (1e-40 would overflow logits / temperature)
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
     logits = logits / temperature  # (B, V)
     if top_k is not None and top_k < logits.size(-1):
@@ -553,7 +553,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
         # A token is in the nucleus if the tokens sorted before it add up to less than top_p (so the likeliest
         # token always is). Probs .5 .3 .2, top_p .7: sums of the likelier ones 0, .5, .8: keep .5, .3; drop .2.
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
+        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs).double() >= top_p  # (B, V); float32 rounds 1e-50 to 0
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V): each back at its id
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
     return checked_draw(next_ids, probs)  # never an id outside the vocabulary or of probability 0: section 13
@@ -792,7 +792,7 @@ def locked(path, wait=True):
 
 
 def out_of_memory(e):  # a MemoryError, or a RuntimeError of torch's (CUDA's, MPS's, the CPU allocator's) saying so
-    return isinstance(e, MemoryError) or bool(re.search(r"out of memory|can't allocate memory", str(e)))
+    return isinstance(e, MemoryError) or bool(re.search(r"out of memory|can't allocate|size calculation overflow", str(e)))
 
 
 def check_writable(folder, flag_name):
@@ -802,6 +802,11 @@ def check_writable(folder, flag_name):
         (folder / f".write-test.{os.getpid()}").unlink()
     except OSError as e:
         raise GPTError(f"cannot write to {flag_name} {str(folder)!r}: {e.strerror or e}") from None
+
+
+def check_replaceable(path, magic, flag_name, kind):  # a file gpt.py writes replaces only one of its kind: no text
+    require(not path.exists() or path.is_file() and starts_with(path, magic), f"{flag_name} {str(path)!r} exists and "
+            f"is not {kind}: gpt.py replaces only {kind} it wrote, never a text, a checkpoint or a folder")
 
 
 def option(default, help, **argparse_kwargs):
@@ -820,7 +825,8 @@ def check_seed(seed):  # torch's generators take 64 bits; train adds the process
 def positive(settings, *names):
     for name in names:
         value = getattr(settings, name)
-        require(isinstance(value, int) and value > 0, f"{flag(name)} must be a positive whole number, got {value}")
+        require(isinstance(value, int) and 0 < value < 2**63, f"{flag(name)} must be a positive whole number (below "
+                f"2**63), got {value}")
 
 
 # ---- 7. Devices and number formats -----------------------------------------------------------
@@ -1044,6 +1050,7 @@ def mfu(flops_per_second, peak):
 def check_data_file(path):
     require(path.exists(), f"data file {str(path)!r} does not exist")
     require(not path.is_dir(), f"data file {str(path)!r} is a directory, not a text file")
+    require(path.is_file(), f"data file {str(path)!r} is not a regular file (a pipe, a device): save it to a file first")
 
 
 def check_characters(tokenizer, text):
@@ -1064,9 +1071,10 @@ def tokenizer_to_dict(tokenizer):
     return {"kind": "char", "chars": tokenizer.chars} if tokenizer.kind == "char" else {"kind": "bpe", "encoding": "gpt2"}
 
 
-def tokenizer_from_dict(d):
+def tokenizer_from_dict(d, source):  # source: the file that holds d, for the error
     kind = d.get("kind") if isinstance(d, dict) else None
-    require(kind in ("char", "bpe"), f"unknown tokenizer {d!r}: expected kind 'char' or 'bpe'")
+    require(kind == "bpe" or kind == "char" and isinstance(d.get("chars"), str), f"{source}: unknown tokenizer "
+            f"{str(d)[:80]}: expected kind 'bpe', or kind 'char' with its characters (chars) in one string")
     return CharTokenizer(d["chars"]) if kind == "char" else BPETokenizer()
 
 
@@ -1080,23 +1088,27 @@ SAFE_CUT = re.compile(r"\S[ \t\n\r]")  # a non-whitespace character, then whites
 class TokenFile:
     """A token file's ids as split_data and get_batch (section 3) use a tensor: len(), a slice (nothing
     read), and positions (B, T+1) -> those ids, int64, read from the file only then (the page cache
-    holds the rest: the process's memory does not grow with the file)."""
+    holds the rest: the process's memory does not grow with the file), each checked against its tokenizer."""
 
-    def __init__(self, path, start, length, dtype):
-        self.path, self.start, self.length, self.dtype = path, start, length, dtype  # start: in bytes
+    def __init__(self, path, start, length, dtype, tokenizer):
+        self.path, self.start, self.length, self.dtype, self.tokenizer = path, start, length, dtype, tokenizer
 
     def __len__(self):
         return self.length
 
     def __getitem__(self, index):
+        size = self.dtype.itemsize  # bytes per id; self.start counts bytes
         if isinstance(index, slice):
             begin, end, _ = index.indices(self.length)
-            return TokenFile(self.path, self.start + begin * self.dtype.itemsize, max(0, end - begin), self.dtype)
-        rows, size = index.reshape(-1, index.size(-1)), self.dtype.itemsize
+            return TokenFile(self.path, self.start + begin * size, max(0, end - begin), self.dtype, self.tokenizer)
+        rows = index.reshape(-1, index.size(-1))
         with open(self.path, "rb") as f:
             raw = b"".join(os.pread(f.fileno(), rows.size(1) * size, self.start + int(row[0]) * size) for row in rows)
         ids = torch.frombuffer(bytearray(raw), dtype=self.dtype).long().view(index.shape)
-        return ids & 0xFFFF if self.dtype == torch.int16 else ids  # uint16's bits, read as int16, made positive
+        ids = ids & 0xFFFF if self.dtype == torch.int16 else ids  # uint16's bits, read as int16, made positive
+        require(0 <= ids.min() and ids.max() < self.tokenizer.vocab_size, f"{self.path} holds token ids outside its "
+                f"tokenizer's {self.tokenizer.vocab_size} ({ids.min().item()} to {ids.max().item()}): prepare it again")
+        return ids
 
 
 def read_token_file(path):
@@ -1116,7 +1128,7 @@ def read_token_file(path):
     require(header.get("format") == 1 and dtype is not None and isinstance(header.get("tokens"), int)
             and start + header["tokens"] * dtype.itemsize == os.path.getsize(path),
             f"{path} is not a complete token file (truncated, or written by another program)")
-    return header, TokenFile(path, start, header["tokens"], dtype)
+    return header, TokenFile(path, start, header["tokens"], dtype, tokenizer_from_dict(header.get("tokenizer"), path))
 
 
 def last_cut(text, end):
@@ -1191,9 +1203,10 @@ class PrepareConfig:
 def prepare(cfg):
     source, out = Path(cfg.data), Path(cfg.out or cfg.data + ".tokens")
     check_data_file(source)
+    require(not starts_with(source, TOKEN_FILE_MAGIC), f"--data {str(source)!r} is a token file already: train "
+            f"--data reads it as it is")
     check_writable(out.parent, "--out")  # before the work, not after it
-    require(not out.is_file() or starts_with(out, TOKEN_FILE_MAGIC), f"--out {str(out)!r} exists and is not a token "
-            f"file: prepare replaces only a token file, never a text or a checkpoint")
+    check_replaceable(out, TOKEN_FILE_MAGIC, "--out", "a token file")
     size, tokenizer, lookup = source.stat().st_size, BPETokenizer() if cfg.tokenizer == "bpe" else None, None
     if tokenizer is None:  # a first pass for the vocabulary: the sorted set of characters
         chars = set()
@@ -1277,7 +1290,7 @@ def checkpoint_config(checkpoint, source):
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):
     model = model_with_weights(checkpoint_config(checkpoint, path), checkpoint["model_state"], source=path)
-    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"], path)
     require(tokenizer.vocab_size == model.config.vocab_size, f"{path}: the tokenizer has {tokenizer.vocab_size} "
             f"tokens but the model {model.config.vocab_size}")
     return model, tokenizer
@@ -1317,6 +1330,8 @@ def read_safetensors(path):
         try:
             dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"]), info["data_offsets"]
             count = math.prod(shape)
+            if not all(type(n) is int and n >= 0 for n in [*shape, begin, end]):
+                raise ValueError  # each size and offset a whole number, 0 or more
         except (KeyError, TypeError, ValueError):
             raise GPTError(f"{path}: tensor {name} has no valid dtype ({', '.join(SAFETENSORS_DTYPES)}), shape and "
                            f"data_offsets") from None
@@ -1335,16 +1350,19 @@ def gpt2_config_from_json(path):
     except (OSError, ValueError) as e:
         raise GPTError(f"cannot read {str(path)!r} as a GPT-2 config.json ({e})".splitlines()[0]) from None
     require(isinstance(hf, dict), f"{path} is not a GPT-2 config.json: it holds no JSON object")
-    gpt2s = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * hf.get("n_embd", 768)),
+    try:
+        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
+    except GPTError as e:  # a size no model can have
+        raise GPTError(f"{path}: {e}") from None
+    except KeyError as e:
+        raise GPTError(f"{path} lacks the key {e.args[0]!r} that a GPT-2 config.json has") from None
+    gpt2s = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * config.n_embd),
              "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,), "layer_norm_epsilon": (1e-5,)}
     for key, accepted in gpt2s.items():  # settings that would make the checkpoint compute something else
         value = hf.get(key, accepted[0])
         require(value in accepted, f"{path}: {key} = {value!r}, but gpt.py computes GPT-2 with {key} = {accepted[0]!r}")
-    try:
-        return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                         n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
-    except KeyError as e:
-        raise GPTError(f"{path} lacks the key {e.args[0]!r} that a GPT-2 config.json has") from None
+    return config
 
 
 def download(url, target):
@@ -1405,7 +1423,8 @@ def read_gpt2_weights(name_or_path):
     if config_path.exists():
         config = gpt2_config_from_json(config_path)
     else:  # a bare .safetensors: read the shape off the tensors; every GPT-2 size has 64-wide heads
-        require("wte.weight" in tensors and "wpe.weight" in tensors, f"{weights_path} holds no GPT-2 embeddings (wte, wpe)")
+        require(all(tensors.get(name, torch.empty(0)).dim() == 2 for name in ("wte.weight", "wpe.weight")),
+                f"{weights_path} holds no GPT-2 embeddings (wte and wpe, two matrices)")
         (vocab_size, n_embd), block_size = tensors["wte.weight"].shape, tensors["wpe.weight"].shape[0]
         require(n_embd % 64 == 0, f"{weights_path}: width {n_embd} is not a multiple of GPT-2's 64-wide heads; "
                 f"put its config.json beside it")
@@ -1473,7 +1492,8 @@ def gpt2_bpe_encoding():
 def check_model_config(config):
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
         value = getattr(config, name)
-        require(isinstance(value, int) and value > 0, f"{name} must be a positive whole number, got {value!r}")
+        require(isinstance(value, int) and 0 < value < 2**63, f"{name} must be a positive whole number (below 2**63), "
+                f"got {value!r}")
     require(config.n_embd % config.n_head == 0, f"n_embd ({config.n_embd}) must be divisible by n_head "
             f"({config.n_head}): each head gets n_embd // n_head channels")
     require(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
@@ -1527,9 +1547,10 @@ class TrainConfig:
         positive(self, "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters",
                  *(["lr_decay_iters"] if self.lr_decay_iters is not None else []))
         check_seed(self.seed)
-        for name, ok, accepted in (("warmup_iters", self.warmup_iters >= 0, "0 or more"), ("lr", self.lr > 0, "positive"),
+        for name, ok, accepted in (("warmup_iters", self.warmup_iters >= 0, "0 or more"),
+                                   ("lr", 0 < self.lr < math.inf, "positive and finite"),
                                    ("min_lr", 0 <= self.min_lr <= self.lr, f"between 0 and --lr ({self.lr})"),
-                                   ("weight_decay", self.weight_decay >= 0, "0 or more"),
+                                   ("weight_decay", 0 <= self.weight_decay < math.inf, "0 or more, finite"),
                                    ("beta2", 0 < self.beta2 < 1, "in (0, 1)"), ("grad_clip", self.grad_clip > 0, "positive"),
                                    ("peak_flops", self.peak_flops is None or self.peak_flops > 0, "positive"),
                                    ("max_minutes", self.max_minutes is None or 0 < self.max_minutes < math.inf,
@@ -1538,6 +1559,8 @@ class TrainConfig:
         require(self.max_minutes is None or self.warmup_iters >= 4, f"--max-minutes times the first steps, whose "
                 f"learning rate must not depend on the run's length: it needs --warmup-iters of 4 or more, got "
                 f"{self.warmup_iters}")
+        require(self.max_minutes is None or self.max_iters > plan_step(self.warmup_iters), f"--max-minutes sets "
+                f"--max-iters at step {plan_step(self.warmup_iters)}: --max-iters {self.max_iters} would end the run first")
 
 
 def plan_step(warmup_iters):  # the step at which --max-minutes sets max_iters (TrainingRun.plan_length)
@@ -1557,8 +1580,14 @@ def resumed_config(given):
     path = resume_path(Path(given.get("out_dir", TrainConfig.out_dir)))
     require(path.exists(), f"--resume: {path.parent} holds no training run (no last.pt or ckpt.pt) to continue")
     checkpoint = load_checkpoint(path)
+    kinds = {"step": int, "best_val_loss": float, "history": list, "optimizer_state": dict, "train_args": dict, "rng": dict}
+    wrong = [key for key, kind in kinds.items() if not isinstance(checkpoint.get(key), kind)]
+    require(not wrong, f"--resume: {path} was not saved by train, or is damaged (its {', '.join(wrong)}); a new run "
+            f"can start from its weights with --init-from {path}")
+    require(given.get("max_iters", math.inf) > checkpoint["step"], f"--resume: the run is at step {checkpoint['step']}"
+            f" already; give a larger --max-iters than {given.get('max_iters')} to train it longer")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {k: v for k, v in checkpoint.get("train_args", {}).items() if k in fields}
+    saved = {k: v for k, v in checkpoint["train_args"].items() if k in fields}
     require(not saved.get("max_minutes") or checkpoint["step"] >= plan_step(saved["warmup_iters"]) or "max_iters"
             in given, f"--resume: the run stopped at step {checkpoint['step']}, before --max-minutes had planned its "
             f"length: start it again, or give --max-iters")
@@ -1582,7 +1611,7 @@ def model_source(cfg, text, resume, data_tokenizer):
     if resume is not None or (cfg.init_from is not None and Path(cfg.init_from).suffix == ".pt"):
         checkpoint = resume if resume is not None else load_checkpoint(cfg.init_from)
         source = f"the checkpoint {resume_path(Path(cfg.out_dir))}" if resume is not None else f"--init-from {cfg.init_from}"
-        tokenizer, config = tokenizer_from_dict(checkpoint["tokenizer"]), checkpoint_config(checkpoint, source)
+        tokenizer, config = tokenizer_from_dict(checkpoint["tokenizer"], source), checkpoint_config(checkpoint, source)
         weights = checkpoint["model_state"]
     elif cfg.init_from is not None:
         (config, weights), tokenizer, source = read_gpt2_weights(cfg.init_from), BPETokenizer(), f"--init-from {cfg.init_from}"
@@ -1685,12 +1714,13 @@ class TrainingRun:
         self.resume = (resume_checkpoint or load_checkpoint(saved)) if cfg.resume else None
         require(cfg.resume or not saved.exists(), f"{saved} already holds a training run: continue it with --resume, "
                 f"or train into another --out-dir")
-        data_tokenizer = tokenizer_from_dict(token_file[0]["tokenizer"]) if token_file else None
+        data_tokenizer = token_file[1].tokenizer if token_file else None
         self.tokenizer, self.config, self.weights = model_source(cfg, text, self.resume, data_tokenizer)
         shape = {name: getattr(self.config, name) for name in SHAPE_FLAGS}
         self.cfg = cfg = dataclasses.replace(cfg, tokenizer=self.tokenizer.kind, **shape)  # saved with the run
         self.tokens = torch.tensor(self.tokenizer.encode(text)) if text is not None else token_file[1]  # (N,)
         check_writable(self.out_dir, "--out-dir")
+        check_replaceable(self.out_dir / "loss.svg", b"<svg", "--out-dir's", "an SVG picture")
         require(cfg.grad_accum % process_count() == 0, f"--grad-accum {cfg.grad_accum} is not divisible by the "
                 f"{process_count()} processes that share out its micro-batches")
         self.control = None  # with several processes, a gloo group for their shared decisions (NCCL takes only GPU tensors)
@@ -1737,7 +1767,10 @@ class TrainingRun:
         self.plan_at = plan_step(cfg.warmup_iters) if cfg.max_minutes and self.resume is None else None
 
     def restore(self, checkpoint):  # the optimizer, step, history and random state of the checkpoint
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        except (ValueError, KeyError) as e:  # another model's, or a damaged one
+            raise GPTError(f"the checkpoint's optimizer state does not fit its model ({e})") from None
         if "scaler_state" in checkpoint:
             self.scaler.load_state_dict(checkpoint["scaler_state"])
         self.step, self.best_val, self.history = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["history"]
@@ -2118,8 +2151,7 @@ def inspect(cfg, out=None):
     n = min(len(ids), cfg.max_tokens)  # the tokens drawn: the last n
     path = Path(cfg.svg) if cfg.svg else Path(cfg.out_dir) / "attention.svg"
     check_writable(path.parent, "--svg" if cfg.svg else "--out-dir")
-    require(not path.is_file() or starts_with(path, b"<svg"), f"--svg {str(path)!r} exists and is not an SVG "
-            f"picture: inspect replaces only a picture it drew")
+    check_replaceable(path, b"<svg", "--svg" if cfg.svg else "--out-dir's", "an SVG picture")
     with attention_forced("written out"), RecordingSoftmax() as softmaxes:
         logits, _ = model.to(device).eval()(torch.tensor([ids], device=device))  # (1, T, V)
     weights = [w[0].cpu() for w in softmaxes.outputs]  # per layer: (1, nh, T, T) -> (nh, T, T)
@@ -2156,7 +2188,7 @@ class BenchConfig:
 
     def __post_init__(self):
         positive(self, "steps", "rounds", "sample_tokens", "context_batch", "context_steps")
-        require(self.contexts is None or all(v.isdecimal() and int(v) > 0 for v in self.contexts.split(",")),
+        require(self.contexts is None or all(v.isdecimal() and 0 < int(v) < 2**63 for v in self.contexts.split(",")),
                 f"--contexts {self.contexts!r}: expected positive whole numbers separated by commas, like 256,512,1024")
 
 
@@ -2367,6 +2399,7 @@ def main(argv=None):
     except SystemExit as e:  # argparse has printed --help, or its one-line error
         return e.code
     run, config_class = given.pop("run"), given.pop("config_class")  # the rest: only the flags typed, no defaults
+    sys.stdout = sys.stdout or open(os.devnull, "w")  # started with stdout closed (>&-): the text goes nowhere
     try:
         if run is train:  # train also takes the checkpoint --resume read, and says whether Ctrl-C stopped it
             cfg, checkpoint = resumed_config(given) if given.get("resume") else (config_class(**given), None)

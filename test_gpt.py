@@ -674,6 +674,18 @@ def test_temperature_zero_is_argmax(logits):
     assert torch.equal(gpt.sample_next_token(logits, temperature=0), logits.argmax(dim=-1, keepdim=True))
 
 
+def test_a_temperature_or_top_p_too_small_for_float32_draws_the_likeliest_token():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 5  # (B, V)
+    for settings_ in ({"temperature": 1e-40}, {"temperature": 1e-300}, {"top_p": 1e-50}, {"top_p": 5e-324}):
+        ids = gpt.sample_next_token(logits, generator=torch.Generator().manual_seed(1), **settings_)
+        assert torch.equal(ids, logits.argmax(dim=-1, keepdim=True)), settings_  # never NaN, never an empty nucleus
+
+
+def test_sample_with_its_output_closed_writes_nowhere_without_a_traceback(trained, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", None)  # as `python gpt.py sample >&-` starts Python
+    assert gpt.main(["sample", "--out-dir", str(trained), "--max-new-tokens", "5"]) == 0
+
+
 @quick
 @given(logits=logit_rows(), blocked=st.integers(0, 39), temperature=st.floats(0.05, 5.0), seed=st.integers(0, 99))
 @example(logits=PEAKED.clone(), blocked=0, temperature=5.0, seed=0)  # the likeliest token can never come
@@ -1101,6 +1113,14 @@ BAD_INPUTS = [  # (what is wrong, the command line, words its one-line error mus
     ("inspect max_tokens 0", ["inspect", "--max-tokens", "0"], ["--max-tokens", "0"]),
     ("inspect on unavailable device", ["inspect", "--device", unavailable_device()], ["not available"]),
     ("pos unknown", [*TRAIN, "--pos", "alibi"], ["--pos", "'alibi'", "rope"]),
+    ("data is a device", ["train", "--data", "/dev/null"], ["/dev/null", "not a regular file"]),  # nor a pipe: read twice
+    ("lr infinite", [*TRAIN, "--lr", "inf"], ["--lr", "finite", "inf"]),
+    ("weight_decay infinite", [*TRAIN, "--weight-decay", "inf"], ["--weight-decay", "finite"]),
+    ("batch_size past 64 bits", [*TRAIN, "--batch-size", str(2**64)], ["--batch-size", "2**63"]),
+    ("n_embd past 64 bits", [*TRAIN, "--n-embd", str(2**64)], ["n_embd", "2**63"]),
+    ("max_iters ends a max_minutes run before its plan", [*TRAIN, "--max-minutes", "1", "--max-iters", "20"],
+     ["--max-minutes", "--max-iters 20"]),
+    ("loss.svg is not a picture", [*TRAIN, *SMALL, "--out-dir", "{tmp}/run"], ["loss.svg", "not an SVG picture"]),
 ]
 
 
@@ -1113,6 +1133,8 @@ def test_a_bad_input_gets_one_clear_line_and_changes_nothing(name, argv, words, 
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("the user's own file")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "loss.svg").write_text("the user's notes, under a name train would write")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     if "--out-dir" not in argv:
         argv += ["--out-dir", str(tmp_path / "out")]
@@ -1197,6 +1219,7 @@ def test_an_unforeseen_file_error_and_a_size_too_large_for_memory_get_one_line(t
     cases = [  # (flags, words of the one line): an OSError no check foresaw; an allocation of 80 GB
         (["--out-dir", tmp_path / ("a" * 300)], ["File name too long"]),
         (["--out-dir", tmp_path / "out", "--batch-size", 10**10, "--device", "cpu"], ["out of memory", "--batch-size"]),
+        (["--out-dir", tmp_path / "out", "--batch-size", 2**62, "--device", "cpu"], ["out of memory", "--batch-size"]),
     ]
     for flags, words in cases:
         assert gpt.main([str(a) for a in ["train", "--data", data, *flags]]) == 1
@@ -1223,10 +1246,33 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         (["train", "--out-dir", tmp_path / "new", "--data", data, "--max-minutes", "inf"], ["--max-minutes", "finite"]),
         (["sample", "--init-from", tmp_path / "gpt2.safetensors"], ["gpt2.safetensors' does not exist"]),
         (["sample", "--init-from", tmp_path / "listed"], ["config.json", "no JSON object"]),
+        (["train", "--resume", "--out-dir", run, "--max-iters", "30"], ["at step 30", "larger --max-iters"]),
+        (["inspect", "--out-dir", run, "--svg", tmp_path / "listed"], ["--svg", "not an SVG"]),  # a folder
+        (["train", "--resume", "--out-dir", tmp_path / "handmade"], ["not saved by train", "optimizer_state"]),
+        (["train", "--resume", "--out-dir", tmp_path / "no_moments"], ["optimizer state does not fit"]),
+        (["sample", "--init-from", tmp_path / "nulls"], ["config.json", "n_embd", "None"]),
+        (["sample", "--init-from", tmp_path / "negative.safetensors"], ["negative.safetensors", "wte.weight", "shape"]),
+        (["sample", "--init-from", tmp_path / "text.safetensors"], ["text.safetensors", "wte.weight", "data_offsets"]),
+        (["sample", "--init-from", tmp_path / "flat.safetensors"], ["flat.safetensors", "two matrices"]),
     ]
     (tmp_path / "listed").mkdir()  # a GPT-2 folder whose config.json is JSON, but not an object
     (tmp_path / "listed" / "config.json").write_text("[1, 2]")
     (tmp_path / "listed" / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    shutil.copytree(tmp_path / "listed", tmp_path / "nulls")  # a config.json whose sizes are not numbers
+    (tmp_path / "nulls" / "config.json").write_text(json.dumps({"vocab_size": 65, "n_positions": 16, "n_layer": 1,
+                                                                "n_head": 2, "n_embd": None}))
+    for name, header in {"negative": {"wte.weight": {"dtype": "F32", "shape": [-2, -3], "data_offsets": [0, 24]}},
+                         "text": {"wte.weight": {"dtype": "F32", "shape": [2, 3], "data_offsets": ["0", "24"]}},
+                         "flat": {"wte.weight": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]},
+                                  "wpe.weight": {"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 48]}}}.items():
+        raw = json.dumps(header).encode()  # safetensors: 8 bytes of header length, the header, the tensors' bytes
+        (tmp_path / f"{name}.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(48))
+    for name, damage in (("handmade", lambda c: c.pop("optimizer_state")),  # the keys sampling needs, not resuming
+                         ("no_moments", lambda c: c.update(optimizer_state={"state": {}, "param_groups": []}))):
+        shutil.copytree(trained, tmp_path / name)
+        checkpoint = gpt.load_checkpoint(tmp_path / name / "last.pt")
+        damage(checkpoint)
+        torch.save(checkpoint, tmp_path / name / "last.pt")
     before = folder_bytes(tmp_path)
     for argv, words in cases:
         code = gpt.main([str(a) for a in argv])
@@ -1569,7 +1615,7 @@ def test_prepared_tokens_are_the_encoding_of_the_whole_text_wherever_the_chunks_
     assert tokens[torch.arange(len(tokens))].tolist() == expected
     assert header["tokens"] == len(expected) and header["dtype"] == "uint16" and header["source"] == source.name
     assert header["source_bytes"] == len(text.encode("utf-8"))
-    assert gpt.tokenizer_from_dict(header["tokenizer"]).vocab_size == tokenizer.vocab_size
+    assert gpt.tokenizer_from_dict(header["tokenizer"], path).vocab_size == tokenizer.vocab_size
 
 
 def test_a_token_file_holds_ids_above_32767_and_uint32_when_the_vocabulary_needs_it(tmp_path):
@@ -1724,8 +1770,11 @@ def test_bad_prepare_inputs_get_one_line_and_leave_no_file(tmp_path, capsys):
         (["--data", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "ok.txt")], ["--out", "not a token file"]),
         (["--data", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "a_file")], ["--out", "not a token file"]),
         (["--data", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "ckpt.pt")], ["--out", "not a token file"]),
+        (["--data", str(tmp_path / "t.tokens"), "--out", str(tmp_path / "t.tokens")], ["t.tokens", "token file already"]),
     ]
     torch.save({"format": 1}, tmp_path / "ckpt.pt")
+    gpt.prepare(gpt.PrepareConfig(data=str(tmp_path / "ok.txt"), out=str(tmp_path / "t.tokens")))
+    capsys.readouterr()
     before = folder_bytes(tmp_path)
     for argv, words in cases:
         assert gpt.main(["prepare", *argv]) != 0
@@ -1758,6 +1807,18 @@ def test_a_damaged_token_file_gets_one_line_and_trains_nothing(tmp_path, capsys)
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "bad.tokens" in err and "token file" in err, (why, err)
         assert not (tmp_path / "out").exists(), why
+    ids = slice(16 + size, None)
+    for why, data, words in [  # complete files, whose header or ids do not fit
+        ("ids past the vocabulary", good[:ids.start] + b"\xff" * len(good[ids]), ["outside its tokenizer"]),
+        ("a char tokenizer without its characters", good[:16] + json.dumps({**header, "tokenizer": {"kind": "char"}})
+         .encode().ljust(size) + good[ids], ["unknown tokenizer", "chars"])]:
+        (tmp_path / "bad.tokens").write_bytes(data)
+        assert gpt.main(["train", "--data", str(tmp_path / "bad.tokens"), "--out-dir", str(tmp_path / "out2"),
+                         "--max-iters", "1"]) == 1, why
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err, (why, err)
+        assert "bad.tokens" in err.splitlines()[-1] and all(word in err for word in words), (why, err)
+        assert not (tmp_path / "out2" / "ckpt.pt").exists(), why
 
 
 # ---------------------------------------------------------------------------------------------
