@@ -25,7 +25,7 @@ Part I, the GPT, is the code that runs; read it first. It takes token ids to log
 Part II (sections 7 to 16) makes it fast, safe and usable; Part I calls into it by names that say what
 happens there. A first reading can take Tq = Tk, kv_cache None, float32, one process, and skip RoPE,
 causal_attention_fused (the same maths in one call), KVCache and sample_with_kv_cache (generate's
-default loop; sample_by_recomputing, its simple twin, draws the same tokens, more slowly).
+default loop; sample_by_recomputing, its simple twin, is the same while the text fits, and slower).
 
 Shapes are written in comments with these letters:
     B  batch size (how many sequences at once)     T  time: tokens in a sequence (Tq of queries, Tk of keys)
@@ -91,7 +91,7 @@ class CharTokenizer:
     def __init__(self, chars):
         self.chars = "".join(chars)
         self.index = {ch: i for i, ch in enumerate(self.chars)}
-        require(len(self.index) == len(self.chars) and self.chars,  # distinct, not empty: else a clear error
+        require(len(self.index) == len(self.chars) and self.chars,  # distinct, not empty: else a clear error (Part II)
                 "a character vocabulary needs distinct characters, at least one")
         self.vocab_size = len(self.chars)
         # An empty prompt starts from a new line, where a speech begins in a play.
@@ -189,10 +189,8 @@ def causal_mask(Tq, Tk, dtype, device):
 
 def causal_attention_written_out(q, k, v, dropout_p=0.0):
     """Attention as the paper writes it, the version to learn: softmax(q @ k^T / sqrt(hs) + mask) @ v.
-
     q is (B, nh, Tq, hs); k and v are (B, nh, Tk, hs) with Tk >= Tq: the queries are the last
-    Tq of the Tk positions (Tq = Tk in training; Tq = 1 for a new token with a KV cache).
-    """
+    Tq of the Tk positions (Tq = Tk in training; Tq = 1 for a new token with a KV cache)."""
     Tq, Tk, hs = q.size(-2), k.size(-2), q.size(-1)
     # How well each query matches each key. With independent entries of mean 0 and variance 1,
     # q . k sums hs terms and has variance hs; dividing by sqrt(hs) brings it back to 1, so the
@@ -275,7 +273,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-        # Fused, but written out where section 8 found fused slower (CPU, bfloat16, training) or wrong (MPS, 16-bit).
+        # Fused, but written out where section 8 found fused slower (training in bfloat16 on a CPU) or wrong (MPS).
         attention = attention_for(q, k)  # one of the two functions above, chosen in section 8
         y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
@@ -319,10 +317,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2: token ids (B, T) -> a score (logit) for every possible next token at every
-    position (B, T, V), and with targets the loss. The layers carry GPT-2's checkpoint names:
-    transformer.wte, transformer.wpe, transformer.h.0 ... h.{L-1} (the blocks),
-    transformer.ln_f, and lm_head, whose weight is wte's."""
+    """GPT-2: token ids (B, T) -> a score (logit) for every possible next token at every position (B, T, V),
+    and with targets the loss. The layers carry GPT-2's checkpoint names: transformer.wte, transformer.wpe,
+    transformer.h.0 ... h.{L-1} (the blocks), transformer.ln_f, and lm_head, whose weight is wte's."""
 
     def __init__(self, config):
         super().__init__()
@@ -469,9 +466,13 @@ def estimate_loss(model, batches, autocast_ctx):
 
 def train(cfg, resume_checkpoint=None):
     """Train a GPT as cfg (a TrainConfig) says -> {"step", "best_val_loss", "history", "interrupted"}.
-    `run`, a TrainingRun (section 12), is the engineering around the loop: it checks every input before
-    anything is written, picks the device, reads the text and picks the tokenizer, joins other processes
-    (torchrun), resumes a run, logs, saves and stops. "Collective": every process must call it (else all wait)."""
+    In one process, without resuming, saving or logging, the loop below comes down to:
+        for step in range(cfg.max_iters):
+            if step % cfg.eval_interval == 0: evaluate()
+            lr = learning_rate(step, cfg), set in every param group; train_step(model, optimizer, ...)
+    `run`, a TrainingRun (section 12), is the engineering around it: it checks every input before anything
+    is written, picks the device, reads the text and picks the tokenizer, joins other processes (torchrun),
+    resumes a run, logs, saves and stops. "Collective": every process must call it (else all wait)."""
     run = TrainingRun(cfg, resume_checkpoint)
     cfg, device = run.cfg, run.device  # with --resume, the saved settings; flags given now override them
 
@@ -503,9 +504,8 @@ def train(cfg, resume_checkpoint=None):
         val_loss = estimate_loss(model, evaluation_batches(val_data, cfg.seed + 2, "val"), run.autocast_ctx)
         return {"train": train_loss.item(), "val": val_loss.item()}
 
-    # The loop: evaluate every eval_interval; set lr; train_step on grad_accum micro-batches; step += 1. In one
-    # process share_of(next_batch) is next_batch, and training_model is model (compiled, with --compile). With N
-    # processes (torchrun, section 12) each runs grad_accum / N micro-batches, its share; DDP averages the gradients.
+    # In one process share_of(next_batch) is next_batch, and training_model is model (compiled, with --compile). With
+    # N processes (torchrun, section 12) each runs grad_accum / N micro-batches, its share; DDP averages the gradients.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
@@ -551,9 +551,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     probs = F.softmax(logits, dim=-1)  # (B, V)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
-        # A token is in the nucleus if the tokens sorted before it add up to less than top_p (so the likeliest
-        # token always is). Probs .5 .3 .2, top_p .7: sums of the likelier ones 0, .5, .8: keep .5, .3; drop .2.
-        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs).double() >= top_p  # (B, V); float32 rounds 1e-50 to 0
+        # A token is in the nucleus if the tokens sorted before it add up to less than top_p (so the likeliest always
+        # is). Probs .5 .3 .2, top_p .7: sums before each 0, .5, .8: keep .5, .3, drop .2. Compared in float64, where
+        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs).double() >= top_p  # a tiny top_p is not 0; (B, V)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V): each back at its id
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
     return checked_draw(next_ids, probs)  # never an id outside the vocabulary or of probability 0: section 13
@@ -601,7 +601,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     """The same loop with a KV cache: the prompt in one pass, then one new position per token.
 
     Once block_size positions are stored, the cache cannot just drop its oldest one: the keys and values
-    of layers 2..L carry that token's information (their inputs attended to it), and a learned
+    of the layers after the first carry that token's information (their inputs attended to it), and a learned
     position is absolute. So the cache starts again: the newest half of the context, computed anew
     in one pass at positions 0, 1, ... Example, block_size 4, prompt "ab"; read "x -> y [n]" as "feed x,
     draw y, the cache now holds n": ab -> c [2]; c -> d [3]; d -> e [4: full]; refill: d, e -> f [2].
@@ -612,7 +612,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     # pending: the tokens to feed next, not yet in the cache: the prompt; each drawn token; a refill's half (d, e above)
     cache, pending = KVCache(model.config, context.size(0)), context
     for _ in range(max_new_tokens):
-        if cache.length + pending.size(1) > block_size:  # full: refill from context (last line), its newest half
+        if cache.length + pending.size(1) > block_size:  # full: refill from context's newest half (see below)
             pending, cache = context[:, -max(1, block_size // 2):], KVCache(model.config, context.size(0))
         with one_row_matmuls(pending):  # speed only (section 8): one new token makes each matmul one row
             logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V)
