@@ -470,14 +470,13 @@ def train(cfg, resume_checkpoint=None):
         for step in range(cfg.max_iters):
             if step % cfg.eval_interval == 0: evaluate()
             lr = learning_rate(step, cfg), set in every param group; train_step(model, optimizer, ...)
-    `run`, a TrainingRun (section 12), is the engineering around it: it checks every input before anything
-    is written, picks the device, reads the text and picks the tokenizer, joins other processes (torchrun),
-    resumes a run, logs, saves and stops. "Collective": every process must call it (else all wait)."""
+    `run`, a TrainingRun (section 12), is the engineering around it: it checks every input before anything is
+    written, reads the text, picks the tokenizer and device, joins other processes (torchrun), resumes, logs, saves
+    and stops. A "collective" call is one that every process must make (else all wait)."""
     run = TrainingRun(cfg, resume_checkpoint)
     cfg, device = run.cfg, run.device  # with --resume, the saved settings; flags given now override them
 
-    # The data: every token id of the text (run.tokens: the text encoded with run.tokenizer, char unless --tokenizer
-    # bpe; or a file of ids from `prepare`, section 9), 90% to train on, 10% to validate on.
+    # The data: run.tokens, the text's ids by run.tokenizer (or a `prepare` file's, section 9): 90% train, 10% val.
     train_data, val_data = split_data(run.tokens, cfg.block_size)
 
     # The model: GPT-2's initialisation drawn from the seed, or the weights of --init-from (GPT-2's or a checkpoint's)
@@ -509,8 +508,7 @@ def train(cfg, resume_checkpoint=None):
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
         while run.step < cfg.max_iters:
-            # Evaluate, then save the latest state (last.pt), the best so far (ckpt.pt) and loss.svg.
-            # (A resumed run can start at a step it has evaluated already.)
+            # Evaluate; save last.pt, ckpt.pt (the best so far), loss.svg. A resumed run may have evaluated this step.
             if run.step % cfg.eval_interval == 0 and not run.evaluated_at(run.step):
                 run.evaluate_and_save(evaluate)  # collective
             lr = learning_rate(run.step, cfg)
