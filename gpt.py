@@ -466,7 +466,7 @@ def estimate_loss(model, batches, autocast_ctx):
 
 def train(cfg, resume_checkpoint=None):
     """Train a GPT as cfg (a TrainConfig) says -> {"step", "best_val_loss", "history", "interrupted"}.
-    In one process, without resuming, saving or logging, the loop below comes down to:
+    Stripped of `run` (its calls can be skipped on a first reading), in one process the loop below is:
         for step in range(cfg.max_iters):
             if step % cfg.eval_interval == 0: evaluate()
             lr = learning_rate(step, cfg), set in every param group; train_step(model, optimizer, ...)
@@ -532,7 +532,7 @@ def train(cfg, resume_checkpoint=None):
 # scores into probabilities, draw one token, append it, and repeat:
 #   temperature  divides the scores: below 1 sharpens the distribution, above 1 flattens it;
 #                0 means "always the most likely token" (greedy).
-#   top_k        keep only the k most likely tokens.
+#   top_k        keep only the k most likely tokens (and any tied with the k-th).
 #   top_p        keep only the most likely tokens, until their probabilities reach p ("nucleus").
 # The draw runs on the CPU in float32 whatever the device: torch.multinomial on Apple's GPUs has
 # drawn impossible ids (section 13). As a second guard, every drawn id is checked.
@@ -550,8 +550,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
         # A token is in the nucleus if the tokens sorted before it add up to less than top_p (so the likeliest always
-        # is). Probs .5 .3 .2, top_p .7: sums before each 0, .5, .8: keep .5, .3, drop .2. Compared in float64, where
-        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs).double() >= top_p  # a tiny top_p is not 0; (B, V)
+        # is): probs .5 .3 .2, top_p .7, sums before each 0 .5 .8: keep .5, .3. In float64, a top_p of 1e-50 is not 0.
+        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs).double() >= top_p  # (B, V)
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V): each back at its id
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
     return checked_draw(next_ids, probs)  # never an id outside the vocabulary or of probability 0: section 13
@@ -610,7 +610,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     # pending: the tokens to feed next, not yet in the cache: the prompt; each drawn token; a refill's half (d, e above)
     cache, pending = KVCache(model.config, context.size(0)), context
     for _ in range(max_new_tokens):
-        if cache.length + pending.size(1) > block_size:  # full: refill from context's newest half (see below)
+        if cache.length + pending.size(1) > block_size:  # full: refill from context (the newest tokens), half
             pending, cache = context[:, -max(1, block_size // 2):], KVCache(model.config, context.size(0))
         with one_row_matmuls(pending):  # speed only (section 8): one new token makes each matmul one row
             logits, _ = model(pending, kv_cache=cache)  # (B, T_pending, V)
