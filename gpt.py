@@ -361,7 +361,7 @@ class GPT(nn.Module):
         the mean cross-entropy of predicting targets[:, t] from idx[:, :t+1]. With a kv_cache, idx
         holds only the new tokens, placed after the cached ones."""
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0  # the position of idx's first token
+        start = kv_cache.length if kv_cache is not None else 0  # idx's first position (read before any layer stores)
         if start + T > self.config.block_size:
             raise ValueError(f"a sequence of {start + T} tokens is longer than block_size "
                              f"{self.config.block_size}, the longest this model has positions for")
@@ -608,6 +608,7 @@ def sample_with_kv_cache(model, context, max_new_tokens, draw):
     always sees block_size; training saw every length up to block_size, so both are contexts it knows."""
     block_size = model.config.block_size
     # pending: the tokens to feed next, not yet in the cache: the prompt; each drawn token; a refill's half (d, e above)
+    # context: the newest block_size tokens, prompt and draws (the loop's last line keeps it): what a refill halves.
     cache, pending = KVCache(model.config, context.size(0)), context
     for _ in range(max_new_tokens):
         if cache.length + pending.size(1) > block_size:  # full: refill from context (the newest tokens), half
