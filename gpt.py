@@ -673,6 +673,7 @@ import mmap  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
@@ -1140,9 +1141,10 @@ def last_cut(text, end):
         window *= 16
 
 
-def text_chunks(path, progress=lambda done: None):
-    """Yield the UTF-8 text of path in pieces of about PREPARE_CHUNK_BYTES, each ending at a last_cut or at
-    the end of the file, or raise this section's error for a bad file. progress(bytes read) follows each read."""
+def text_chunks(path, progress=lambda done: None, whole=False):
+    """Yield the UTF-8 text of path in pieces of about PREPARE_CHUNK_BYTES, each ending at a last_cut or at the end
+    of the file (whole: in one piece, uncut), or raise this section's error for a bad file. progress(bytes read)
+    follows each read."""
     decoder, pending, done, lines = codecs.getincrementaldecoder("utf-8")(), "", 0, 0
     try:
         with open(path, "rb") as f:
@@ -1156,11 +1158,11 @@ def text_chunks(path, progress=lambda done: None):
                                    f"{line}) is {(held + raw)[e.start:e.start + 1]!r}; save it as UTF-8") from None
                 done, lines = done + len(raw), lines + raw.count(b"\n")
                 progress(done)
-                cut = last_cut(pending, len(pending))
+                cut = 0 if whole else last_cut(pending, len(pending))
                 if cut:
                     yield pending[:cut]
                     pending = pending[cut:]
-                require(len(pending) < LONGEST_UNCUT, f"data file {str(path)!r} has over {LONGEST_UNCUT >> 20} MB "
+                require(whole or len(pending) < LONGEST_UNCUT, f"data file {str(path)!r} has over {LONGEST_UNCUT >> 20} MB "
                         f"without whitespace after a word: prepare cuts the text there, to bound its memory")
             held = decoder.getstate()[0]  # none, unless the file ends inside a character
             require(not held, f"data file {str(path)!r} is not UTF-8 text: it ends inside a character, at byte "
@@ -1255,7 +1257,7 @@ def load_checkpoint(path):
     """Read a checkpoint, on the CPU, as data only, with a clear error for each way a file can be wrong."""
     path = Path(path)
     require(path.exists(), f"checkpoint {str(path)!r} does not exist; train one with: "
-            f"python gpt.py train --out-dir {path.parent}")
+            f"python gpt.py train --out-dir {shlex.quote(str(path.parent))}")
     require(path.is_file(), f"checkpoint {str(path)!r} is not a file")
     try:
         path.open("rb").close()
@@ -1574,6 +1576,7 @@ def resumed_config(given):
     """--resume: the settings saved in the run's checkpoint, overridden by the flags given now.
     -> (TrainConfig, the checkpoint)."""
     require("init_from" not in given, "--resume continues a run; it cannot also start from --init-from")
+    require("seed" not in given, "--resume continues the run's own random numbers; --seed only starts a new run")
     require("max_minutes" not in given, "--max-minutes plans a new run; a resumed run keeps the --max-iters it was "
             "given or planned: give --max-iters to train it longer")
     path = resume_path(Path(given.get("out_dir", TrainConfig.out_dir)))
@@ -1630,7 +1633,8 @@ def model_source(cfg, text, resume, data_tokenizer):
     if data_tokenizer is not None and tokenizer_to_dict(data_tokenizer) != tokenizer_to_dict(tokenizer):
         describe = [f"char, {t.vocab_size} characters" if t.kind == "char" else "GPT-2's BPE" for t in (data_tokenizer, tokenizer)]
         raise GPTError(f"--data {cfg.data} was prepared with another tokenizer ({describe[0]}) than {source}'s "
-                       f"({describe[1]}); prepare the text again with the model's tokenizer")
+                       f"({describe[1]}); " + ("prepare the text again with --tokenizer bpe" if tokenizer.kind == "bpe"
+                       else "give --data the text itself (prepare makes a vocabulary of its text's own characters)"))
     return tokenizer, dataclasses.replace(config, dropout=cfg.dropout), weights
 
 
@@ -1708,7 +1712,7 @@ class TrainingRun:
         check_training_dtype(self.dtype, self.device)
         check_data_file(Path(cfg.data))
         token_file = read_token_file(cfg.data)  # (header, ids) of a file from `prepare`; None for a text
-        text = "".join(text_chunks(cfg.data)) if token_file is None else None  # a text, read whole
+        text = next(text_chunks(cfg.data, whole=True)) if token_file is None else None  # a text, read whole
         saved = resume_path(self.out_dir)  # what --resume continues, and what a new run must not overwrite
         self.resume = (resume_checkpoint or load_checkpoint(saved)) if cfg.resume else None
         require(cfg.resume or not saved.exists(), f"{saved} already holds a training run: continue it with --resume, "
@@ -1895,11 +1899,11 @@ class TrainingRun:
         if interrupted:
             self.save("last.pt")
             log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. Continue with: "
-                f"python gpt.py train --resume --out-dir {self.out_dir}")
+                f"python gpt.py train --resume --out-dir {shlex.quote(str(self.out_dir))}")
         else:
             log(f"done: {self.step} steps in {duration(time.perf_counter() - self.started)}; best val loss "
                 f"{self.best_val:.4f}, saved in {self.out_dir / 'ckpt.pt'}; sample with: python gpt.py sample "
-                f"--out-dir {self.out_dir}")
+                f"--out-dir {shlex.quote(str(self.out_dir))}")
         if dist.is_initialized():
             dist.destroy_process_group()
         if self.lock:
@@ -1968,7 +1972,8 @@ class SampleConfig(TrainedModel):
                           default_text="all tokens")
     num_samples: int = option(1, "how many separate texts to write")
     seed: int = option(1337, "seed of the random draws: the same seed writes the same text")
-    no_kv_cache: bool = option(False, "recompute the whole context for every token (slow; for comparison)")
+    no_kv_cache: bool = option(False, "recompute the whole context for every token (slow; the same text until the "
+                               "context is full, when the cache refills with its newest half)")
 
     def __post_init__(self):
         require(self.max_new_tokens >= 0, f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}")

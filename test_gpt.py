@@ -18,6 +18,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -1247,6 +1248,7 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         (["sample", "--init-from", tmp_path / "gpt2.safetensors"], ["gpt2.safetensors' does not exist"]),
         (["sample", "--init-from", tmp_path / "listed"], ["config.json", "no JSON object"]),
         (["train", "--resume", "--out-dir", run, "--max-iters", "30"], ["at step 30", "larger --max-iters"]),
+        (["train", "--resume", "--out-dir", run, "--seed", "5"], ["--seed", "new run"]),  # resuming keeps its streams
         (["inspect", "--out-dir", run, "--svg", tmp_path / "listed"], ["--svg", "not an SVG"]),  # a folder
         (["train", "--resume", "--out-dir", tmp_path / "handmade"], ["not saved by train", "optimizer_state"]),
         (["train", "--resume", "--out-dir", tmp_path / "no_moments"], ["optimizer state does not fit"]),
@@ -1655,6 +1657,7 @@ def test_data_prepared_with_another_tokenizer_is_refused_with_one_line(trained, 
     assert gpt.main(["train", "--resume", "--out-dir", str(run), "--data", str(bpe)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "another tokenizer" in err and "GPT-2's BPE" in err and "char" in err, err
+    assert "give --data the text itself" in err  # a char vocabulary cannot be prepared from another text
     assert folder_bytes(run) == before
     assert gpt.main(["train", "--data", str(bpe), "--tokenizer", "char", "--out-dir", str(tmp_path / "new")]) == 1
     assert "--tokenizer char does not match" in capsys.readouterr().err and not (tmp_path / "new").exists()
@@ -1785,6 +1788,25 @@ def test_bad_prepare_inputs_get_one_line_and_leave_no_file(tmp_path, capsys):
         (tmp_path / "ok.txt").write_text(text, encoding="utf-8")
         assert gpt.main(["prepare", "--data", str(tmp_path / "ok.txt"), "--out", str(tmp_path / "ok.tokens")]) == 0
         assert gpt.read_token_file(tmp_path / "ok.tokens")[0]["tokenizer"]["chars"] == "".join(sorted(set(text)))
+
+
+def test_train_reads_a_text_without_whitespace_that_prepare_must_refuse(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpt, "LONGEST_UNCUT", 2000)  # as over 128 MB of DNA letters would be
+    monkeypatch.setattr(gpt, "PREPARE_CHUNK_BYTES", 512)
+    cfg = train_cfg(tmp_path, text="".join(random.Random(0).choice("ACGT") for _ in range(5000)), max_iters=2)
+    assert gpt.train(cfg)["step"] == 2  # train reads a text whole: no cut, no limit
+    assert gpt.main(["prepare", "--data", cfg.data]) == 1  # prepare cuts at whitespace, to bound its memory
+    assert "without whitespace" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_commands_that_gpt_py_prints_to_go_on_work_when_pasted_into_a_shell(tmp_path, capsys):
+    out = tmp_path / "my run ~"  # a space, and a tilde that a shell would expand
+    gpt.train(train_cfg(tmp_path, out_dir=str(out), max_iters=2, eval_interval=2))
+    assert shlex.split(capsys.readouterr().err.split("sample with: ")[-1]) == ["python", "gpt.py", "sample",
+                                                                              "--out-dir", str(out)]
+    assert gpt.main(["sample", "--out-dir", str(tmp_path / "no run")]) == 1
+    hint = capsys.readouterr().err.split("train one with: ")[-1]
+    assert shlex.split(hint) == ["python", "gpt.py", "train", "--out-dir", str(tmp_path / "no run")]
 
 
 def test_a_damaged_token_file_gets_one_line_and_trains_nothing(tmp_path, capsys):
