@@ -1715,8 +1715,8 @@ class TrainingRun:
         text = next(text_chunks(cfg.data, whole=True)) if token_file is None else None  # a text, read whole
         saved = resume_path(self.out_dir)  # what --resume continues, and what a new run must not overwrite
         self.resume = (resume_checkpoint or load_checkpoint(saved)) if cfg.resume else None
-        require(cfg.resume or not saved.exists(), f"{saved} already holds a training run: continue it with --resume, "
-                f"or train into another --out-dir")
+        require(cfg.resume or not saved.exists(), f"{saved} already holds a training run: continue it with --resume "
+                f"once it has stopped, or train into another --out-dir")
         data_tokenizer = token_file[1].tokenizer if token_file else None
         self.tokenizer, self.config, self.weights = model_source(cfg, text, self.resume, data_tokenizer)
         shape = {name: getattr(self.config, name) for name in SHAPE_FLAGS}
