@@ -79,7 +79,7 @@ class GPTConfig:
 # which one they were given.
 #
 # - CharTokenizer: one token per character. The vocabulary is the sorted set of characters of
-#   the training text (76 for input.txt). Tiny vocabulary, long sequences.
+#   the training text (76 for this repository's input.txt; 65 for tinyshakespeare). Tiny vocabulary, long sequences.
 # - BPETokenizer: GPT-2's byte-level byte-pair encoding, through tiktoken. It starts from the
 #   256 byte values (so it can encode *any* string), learned 50,000 merges of frequent pairs,
 #   and adds one special token, <|endoftext|>: 256 + 50,000 + 1 = 50,257 ids. Common words are
@@ -273,7 +273,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # (B, nh, T, hs) each
         if kv_cache is not None:  # sampling: this step's keys and values join the earlier ones
             k, v = kv_cache.store(layer, k, v)  # 2 x (B, nh, T_past + T, hs)
-        # Fused, but written out where section 8 found fused slower (training in bfloat16 on a CPU) or wrong (MPS).
+        # Fused by default; written out for bfloat16 training on a CPU (faster) and half precision on MPS (section 8).
         attention = attention_for(q, k)  # one of the two functions above, chosen in section 8
         y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C): heads side by side
@@ -341,7 +341,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # (V, C)
 
         # GPT-2's initialisation: weights drawn with std 0.02 as in OpenAI's code, biases zero; LayerNorms keep
-        # PyTorch's start, the identity (gain 1, bias 0), as the loop below draws only 2-D weights. The paper
+        # PyTorch's start, gain 1 and bias 0 (no rescaling), as the loop below draws only 2-D weights. The paper
         # (sec. 2.3), not its code, also scales the layers that write into the residual stream by
         # 1/sqrt(N), N the number of such layers: two c_proj per block, so N = 2 * n_layer (nanoGPT's
         # reading). This keeps the stream's variance from growing with depth. (OpenAI's wpe: 0.01; ours 0.02.)
@@ -503,7 +503,7 @@ def train(cfg, resume_checkpoint=None):
         val_loss = estimate_loss(model, evaluation_batches(val_data, cfg.seed + 2, "val"), run.autocast_ctx)
         return {"train": train_loss.item(), "val": val_loss.item()}
 
-    # In one process share_of(next_batch) is next_batch, and training_model is model (compiled, with --compile). With
+    # In one process share_of(next_batch) is next_batch, and training_model is model (--compile: compiled). With
     # N processes (torchrun, section 12) each runs grad_accum / N micro-batches, its share; DDP averages the gradients.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
@@ -550,8 +550,9 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V), most likely first
         # A token is in the nucleus if the tokens sorted before it add up to less than top_p (so the likeliest always
-        # is): probs .5 .3 .2, top_p .7, sums before each 0 .5 .8: keep .5, .3. In float64, a top_p of 1e-50 is not 0.
-        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs).double() >= top_p  # (B, V)
+        # is): probs .5 .3 .2, top_p .7, sums before each 0 .5 .8: keep .5, .3, drop .2.
+        sums_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V)
+        outside = sums_before.double() >= top_p  # (B, V); in float64, as float32 would round a top_p of 1e-50 to 0
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V): each back at its id
     next_ids = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1); it renormalises
     return checked_draw(next_ids, probs)  # never an id outside the vocabulary or of probability 0: section 13
