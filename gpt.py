@@ -796,16 +796,13 @@ def out_of_memory(e):  # a MemoryError, or a RuntimeError of torch's (CUDA's, MP
     return isinstance(e, MemoryError) or bool(re.search(r"out of memory|can't allocate|size calculation overflow", str(e)))
 
 
-def check_writable(folder, flag_name):
+def check_writable(path, magic, flag_name, kind):  # path's folder takes files; path is absent or one of its kind
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f".write-test.{os.getpid()}").touch()
-        (folder / f".write-test.{os.getpid()}").unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / f".write-test.{os.getpid()}").touch()
+        (path.parent / f".write-test.{os.getpid()}").unlink()
     except OSError as e:
-        raise GPTError(f"cannot write to {flag_name} {str(folder)!r}: {e.strerror or e}") from None
-
-
-def check_replaceable(path, magic, flag_name, kind):  # a file gpt.py writes replaces only one of its kind: no text
+        raise GPTError(f"cannot write to {flag_name} {str(path.parent)!r}: {e.strerror or e}") from None
     require(not path.exists() or path.is_file() and starts_with(path, magic), f"{flag_name} {str(path)!r} exists and "
             f"is not {kind}: gpt.py replaces only {kind} it wrote, never a text, a checkpoint or a folder")
 
@@ -823,24 +820,21 @@ def check_seed(seed):  # torch's generators take 64 bits; train adds the process
     require(0 <= seed < 2**63, f"--seed must be a whole number from 0 to 2**63 - 1, got {seed}")
 
 
-def positive(settings, *names):
+def positive(settings, *names, shown=flag):
     for name in names:
         value = getattr(settings, name)
-        require(isinstance(value, int) and 0 < value < 2**63, f"{flag(name)} must be a positive whole number (below "
-                f"2**63), got {value}")
+        require(isinstance(value, int) and 0 < value < 2**63, f"{shown(name)} must be a positive whole number (below "
+                f"2**63), got {value!r}")
 
 
 # ---- 7. Devices and number formats -----------------------------------------------------------
 #
-# The same code runs on a CPU, an NVIDIA GPU (CUDA) and an Apple GPU (MPS). Mixed precision
-# runs the matmuls in a 16-bit format while the weights and the optimizer stay in float32.
-# bfloat16 keeps float32's range with fewer digits, so it needs no loss scaling; float16 has a
-# small range, so its gradients are scaled up against underflow (train_step, section 5).
-# `--dtype auto` picks bfloat16 on CUDA GPUs that have it (Ampere and newer; float16 before)
-# and on CPUs that compute it natively (AVX512-BF16 or AMX: about 2x float32 there; emulated,
-# it is slower than float32); float32 elsewhere, MPS included (half precision was not measured
-# there). Each device decision is a small function that tests check on a CPU with device
-# objects (torch.device("mps") needs no Apple GPU to exist).
+# The same code runs on a CPU, an NVIDIA GPU (CUDA) and an Apple GPU (MPS). Mixed precision runs
+# the matmuls in 16 bits, the weights and the optimizer in float32 (float16's loss scaling: train_step).
+# `--dtype auto` picks bfloat16 where the hardware computes it natively: CUDA GPUs since Ampere
+# (float16 before them) and CPUs with AVX512-BF16 or AMX (emulated, it is slower than float32);
+# float32 elsewhere, MPS included. Each decision is a small function that tests check on a CPU
+# with device objects (torch.device("mps") needs no Apple GPU).
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -1115,10 +1109,9 @@ class TokenFile:
 def read_token_file(path):
     """A file written by prepare -> (its header, a TokenFile of its ids); None for any other file."""
     try:
-        if not starts_with(path, TOKEN_FILE_MAGIC):
-            return None
         with open(path, "rb") as f:
-            f.seek(len(TOKEN_FILE_MAGIC))
+            if f.read(len(TOKEN_FILE_MAGIC)) != TOKEN_FILE_MAGIC:
+                return None
             header_size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(min(header_size, os.fstat(f.fileno()).st_size)))  # at most what the file has
     except ValueError as e:  # an OSError (an unreadable file) gets its own one line from main (section 16)
@@ -1207,8 +1200,7 @@ def prepare(cfg):
     check_data_file(source)
     require(not starts_with(source, TOKEN_FILE_MAGIC), f"--data {str(source)!r} is a token file already: train "
             f"--data reads it as it is")
-    check_writable(out.parent, "--out")  # before the work, not after it
-    check_replaceable(out, TOKEN_FILE_MAGIC, "--out", "a token file")
+    check_writable(out, TOKEN_FILE_MAGIC, "--out", "a token file")  # before the work, not after it
     size, tokenizer, lookup = source.stat().st_size, BPETokenizer() if cfg.tokenizer == "bpe" else None, None
     if tokenizer is None:  # a first pass for the vocabulary: the sorted set of characters
         chars = set()
@@ -1487,15 +1479,10 @@ def gpt2_bpe_encoding():
 
 # ---- 12. Training runs -----------------------------------------------------------------------
 #
-# A TrainingRun is the engineering around train()'s loop (section 5). It saves ckpt.pt (the weights
-# with the best val loss), last.pt (the latest state, which --resume continues) and loss.svg, and
-# logs tokens/s, MFU and an ETA. Each field of TrainConfig is a flag, its help beside its default.
+# A TrainingRun is the engineering around train()'s loop (section 5); each field of TrainConfig is a flag.
 
 def check_model_config(config):
-    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-        value = getattr(config, name)
-        require(isinstance(value, int) and 0 < value < 2**63, f"{name} must be a positive whole number (below 2**63), "
-                f"got {value!r}")
+    positive(config, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", shown=str)
     require(config.n_embd % config.n_head == 0, f"n_embd ({config.n_embd}) must be divisible by n_head "
             f"({config.n_head}): each head gets n_embd // n_head channels")
     require(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
@@ -1723,8 +1710,7 @@ class TrainingRun:
         shape = {name: getattr(self.config, name) for name in SHAPE_FLAGS}
         self.cfg = cfg = dataclasses.replace(cfg, tokenizer=self.tokenizer.kind, **shape)  # saved with the run
         self.tokens = torch.tensor(self.tokenizer.encode(text)) if text is not None else token_file[1]  # (N,)
-        check_writable(self.out_dir, "--out-dir")
-        check_replaceable(self.out_dir / "loss.svg", b"<svg", "--out-dir's", "an SVG picture")
+        check_writable(self.out_dir / "loss.svg", b"<svg", "--out-dir", "an SVG picture")
         require(cfg.grad_accum % process_count() == 0, f"--grad-accum {cfg.grad_accum} is not divisible by the "
                 f"{process_count()} processes that share out its micro-batches")
         self.control = None  # with several processes, a gloo group for their shared decisions (NCCL takes only GPU tensors)
@@ -2012,10 +1998,8 @@ def sample(cfg, out=None):
 
 # ---- 14. Pictures ----------------------------------------------------------------------------
 #
-# Two pictures, as SVG: plain text that every browser shows, drawn without a plotting library.
-# `train` writes loss.svg at every evaluation (a resumed run draws its whole history); `python
-# gpt.py inspect` writes attention.svg: how much each token attends to each earlier one, in every
-# layer and head, as the softmax inside causal_attention_written_out (section 4) computed it.
+# Two pictures, as SVG (plain text that every browser shows, drawn without a plotting library):
+# `train`'s loss.svg, redrawn at every evaluation, and `inspect`'s attention.svg.
 
 SVG_FONT = 'font-family="sans-serif" font-size="11"'
 SVG_TITLE = 'font-family="sans-serif" font-size="13"'
@@ -2155,8 +2139,7 @@ def inspect(cfg, out=None):
     ids = (tokenizer.encode(cfg.prompt) or [tokenizer.start_token])[-model.config.block_size:]
     n = min(len(ids), cfg.max_tokens)  # the tokens drawn: the last n
     path = Path(cfg.svg) if cfg.svg else Path(cfg.out_dir) / "attention.svg"
-    check_writable(path.parent, "--svg" if cfg.svg else "--out-dir")
-    check_replaceable(path, b"<svg", "--svg" if cfg.svg else "--out-dir's", "an SVG picture")
+    check_writable(path, b"<svg", "--svg" if cfg.svg else "--out-dir", "an SVG picture")
     with attention_forced("written out"), RecordingSoftmax() as softmaxes:
         logits, _ = model.to(device).eval()(torch.tensor([ids], device=device))  # (1, T, V)
     weights = [w[0].cpu() for w in softmaxes.outputs]  # per layer: (1, nh, T, T) -> (nh, T, T)
@@ -2174,11 +2157,9 @@ def inspect(cfg, out=None):
 
 # ---- 15. Benchmark ---------------------------------------------------------------------------
 #
-# `python gpt.py bench` times the default model at train's default dropout: training steps in
-# float32 and in --dtype auto's format, and sampling with and without the KV cache, each variant
-# once per round, in turn, so that all see the same machine. `bench --contexts` times both
-# attentions: their work grows with T^2, and so does the written-out one's memory, which holds the
-# (B, nh, T, T) weights for the backward pass; the fused kernel's grows with T.
+# `python gpt.py bench` times the default model's training (float32, and --dtype auto's format) and
+# sampling, every variant once per round, in turn, so that all see the same machine. `bench --contexts`
+# times both attentions: the written-out one holds (B, nh, T, T) weights for the backward, the fused one not.
 
 @dataclass
 class BenchConfig:
