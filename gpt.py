@@ -1846,6 +1846,7 @@ class TrainingRun:
         due = due or self.timed_steps == 0 or self.step == cfg.max_iters
         # Every process logs (its collectives) and stops after the same step: one's due or stop is all's.
         due, stop = map(bool, all_reduced(torch.tensor([float(due), float(stop)]), dist.ReduceOp.MAX, self.control))
+        self.signal = stop_requested[0] if stop_requested else signal.SIGINT  # what a stop reports (finish)
         if not (due or stop):
             return False
         synchronize(self.device)  # a GPU may still be computing the steps it was given: wait, then read the clock
@@ -1882,7 +1883,8 @@ class TrainingRun:
             f"{self.eval_seconds:.1f} s an evaluation); training as with --max-iters {steps}")
 
     def finish(self, interrupted=False):
-        """Collective (interrupted, it saves last.pt). Leave the process group; -> train()'s result."""
+        """Collective (interrupted, it saves last.pt). Leave the process group -> train()'s result; its
+        "interrupted": the signal that stopped the run (SIGINT or SIGTERM), or 0 when it ran to the end."""
         if interrupted:
             self.save("last.pt")
             log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. Continue with: "
@@ -1895,7 +1897,8 @@ class TrainingRun:
             dist.destroy_process_group()
         if self.lock:
             self.lock.close()
-        return {"step": self.step, "best_val_loss": self.best_val, "history": self.history, "interrupted": interrupted}
+        return {"step": self.step, "best_val_loss": self.best_val, "history": self.history,
+                "interrupted": self.signal if interrupted else 0}
 
 
 # ---- 13. Sampling runs -----------------------------------------------------------------------
@@ -2379,7 +2382,8 @@ def build_parser():
 
 
 def main(argv=None):
-    """Run the command line; -> the exit status (0 done, 1 an error, 2 a mistyped flag, 130 Ctrl-C)."""
+    """Run the command line; -> the exit status (0 done, 1 an error, 2 a mistyped flag; stopped by a signal,
+    128 + its number, as shells report it: 130 Ctrl-C, 143 SIGTERM)."""
     try:
         given = vars(build_parser().parse_args(argv))
     except SystemExit as e:  # argparse has printed --help, or its one-line error
@@ -2389,7 +2393,8 @@ def main(argv=None):
     try:
         if run is train:  # train also takes the checkpoint --resume read, and says whether Ctrl-C stopped it
             cfg, checkpoint = resumed_config(given) if given.get("resume") else (config_class(**given), None)
-            return 130 if train(cfg, checkpoint)["interrupted"] else 0
+            stopped_by = train(cfg, checkpoint)["interrupted"]
+            return 128 + stopped_by if stopped_by else 0
         run(config_class(**given))
         return 0
     except KeyboardInterrupt:

@@ -1441,7 +1441,7 @@ def test_stop_then_resume_equals_an_uninterrupted_run_bit_for_bit(stop, uninterr
         time.sleep(0.3)
         process.send_signal(signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
         err = process.communicate(timeout=120)[1]
-        assert process.returncode == 130, err
+        assert process.returncode == (130 if stop == "ctrl-c" else 143), err  # 128 + the signal, as shells report it
         assert "--resume" in err
         stopped_at = gpt.load_checkpoint(tmp_path / "b" / "last.pt")["step"]
         assert 0 < stopped_at < total, err
