@@ -706,7 +706,10 @@ LOG_EVERY_SECONDS = 3  # a long job is never silent for longer
 def log(message):
     """Progress goes to stderr (stdout carries only sampled text and tables); rank 0 alone speaks."""
     if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
+        try:
+            print(message, file=sys.stderr, flush=True)
+        except OSError:  # its reader has gone (`train 2>&1 | tee log`, then Ctrl-C): the job goes on, unheard
+            pass
 
 
 def duration(seconds):

@@ -1528,6 +1528,23 @@ def test_a_second_training_into_a_busy_out_dir_is_refused_and_the_first_runs_on(
     assert gpt.main(["train", "--resume", "--out-dir", str(out), "--max-iters", str(step + 1)]) == 0  # its lock is gone
 
 
+def test_a_run_whose_log_reader_has_gone_still_stops_on_ctrl_c_and_saves(tmp_path):
+    # `train 2>&1 | tee log`, then Ctrl-C: tee dies first, and every later log line meets a broken pipe
+    data = tmp_path / "data.txt"
+    data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(HERE / "gpt.py"), "train", "--data", str(data), "--out-dir", str(out),
+                                "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+                                "--max-iters", "100000", "--eval-interval", "100000", "--eval-iters", "1", "--device",
+                                "cpu"], stderr=subprocess.PIPE)
+    wait_for(lambda: (out / "last.pt").exists(), process)
+    process.stderr.close()  # the reader goes
+    time.sleep(gpt.LOG_EVERY_SECONDS + 1)  # at least one log line has met the broken pipe
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert gpt.load_checkpoint(out / "last.pt")["step"] > 0  # saved at the stop, not only at step 0
+
+
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
     data = tmp_path / "data.txt"
     data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
