@@ -1849,7 +1849,7 @@ class TrainingRun:
         due = due or self.timed_steps == 0 or self.step == cfg.max_iters
         # Every process logs (its collectives) and stops after the same step: one's due or stop is all's.
         due, stop = map(bool, all_reduced(torch.tensor([float(due), float(stop)]), dist.ReduceOp.MAX, self.control))
-        self.signal = stop_requested[0] if stop_requested else signal.SIGINT  # what a stop reports (finish)
+        self.signal = stop_requested[0] if stop_requested else signal.SIGINT  # the signal finish reports
         if not (due or stop):
             return False
         synchronize(self.device)  # a GPU may still be computing the steps it was given: wait, then read the clock
@@ -2394,7 +2394,7 @@ def main(argv=None):
     run, config_class = given.pop("run"), given.pop("config_class")  # the rest: only the flags typed, no defaults
     sys.stdout = sys.stdout or open(os.devnull, "w")  # started with stdout closed (>&-): the text goes nowhere
     try:
-        if run is train:  # train also takes the checkpoint --resume read, and says whether Ctrl-C stopped it
+        if run is train:  # train also takes the checkpoint --resume read, and says which signal stopped it
             cfg, checkpoint = resumed_config(given) if given.get("resume") else (config_class(**given), None)
             stopped_by = train(cfg, checkpoint)["interrupted"]
             return 128 + stopped_by if stopped_by else 0
