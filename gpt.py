@@ -668,6 +668,7 @@ import concurrent.futures  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
+import glob  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import mmap  # noqa: E402
@@ -746,9 +747,11 @@ def write_atomically(path, write, also=None):
     write(f) fills a temporary file beside it, flushed to disk, then renamed over path. also: a second
     name for the same file (a hard link, or a copy), renamed after path: never the newer of the two."""
     names = [Path(path)] + ([Path(also)] if also else [])
-    for name in names:  # leftovers of a write that was killed
-        for leftover in name.parent.glob(f".{name.name}.*.tmp"):
-            leftover.unlink(missing_ok=True)
+    for name in names:  # leftovers of a write that was killed (not those of another process writing it now)
+        for leftover in name.parent.glob(f".{glob.escape(name.name)}.*.tmp"):
+            pid = leftover.name.removesuffix(".tmp").rpartition(".")[2]
+            if not (pid.isdecimal() and process_alive(int(pid))):
+                leftover.unlink(missing_ok=True)
     tmp = [name.with_name(f".{name.name}.{os.getpid()}.tmp") for name in names]
     try:
         with open(tmp[0], "wb") as f:
@@ -774,6 +777,16 @@ def write_atomically(path, write, also=None):
         folder = os.open(names[0].parent, os.O_RDONLY)
         os.fsync(folder)
         os.close(folder)
+
+
+def process_alive(pid):  # on Unix, where signal 0 sends nothing but says whether pid runs; elsewhere taken as gone
+    if os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError as e:
+        return isinstance(e, PermissionError)  # another user's process
 
 
 def starts_with(path, prefix):  # whether the file path begins with the bytes prefix
@@ -1086,10 +1099,11 @@ SAFE_CUT = re.compile(r"\S[ \t\n\r]")  # a non-whitespace character, then whites
 class TokenFile:
     """A token file's ids as split_data and get_batch (section 3) use a tensor: len(), a slice (nothing
     read), and positions (B, T+1) -> those ids, int64, read from the file only then (the page cache
-    holds the rest: the process's memory does not grow with the file), each checked against its tokenizer."""
+    holds the rest: the process's memory does not grow with the file), each checked against its tokenizer.
+    It reads the file it opened, even once the path names another (prepare run again while training)."""
 
-    def __init__(self, path, start, length, dtype, tokenizer):
-        self.path, self.start, self.length, self.dtype, self.tokenizer = path, start, length, dtype, tokenizer
+    def __init__(self, file, start, length, dtype, tokenizer):
+        self.file, self.start, self.length, self.dtype, self.tokenizer = file, start, length, dtype, tokenizer
 
     def __len__(self):
         return self.length
@@ -1098,34 +1112,36 @@ class TokenFile:
         size = self.dtype.itemsize  # bytes per id; self.start counts bytes
         if isinstance(index, slice):
             begin, end, _ = index.indices(self.length)
-            return TokenFile(self.path, self.start + begin * size, max(0, end - begin), self.dtype, self.tokenizer)
-        rows = index.reshape(-1, index.size(-1))
-        with open(self.path, "rb") as f:
-            raw = b"".join(os.pread(f.fileno(), rows.size(1) * size, self.start + int(row[0]) * size) for row in rows)
-        ids = torch.frombuffer(bytearray(raw), dtype=self.dtype).long().view(index.shape)
+            return TokenFile(self.file, self.start + begin * size, max(0, end - begin), self.dtype, self.tokenizer)
+        rows, raw = index.reshape(-1, index.size(-1)), bytearray()
+        for row in rows:
+            self.file.seek(self.start + int(row[0]) * size)
+            raw += self.file.read(rows.size(1) * size)
+        ids = torch.frombuffer(raw, dtype=self.dtype).long().view(index.shape)
         ids = ids & 0xFFFF if self.dtype == torch.int16 else ids  # uint16's bits, read as int16, made positive
-        require(0 <= ids.min() and ids.max() < self.tokenizer.vocab_size, f"{self.path} holds token ids outside its "
-                f"tokenizer's {self.tokenizer.vocab_size} ({ids.min().item()} to {ids.max().item()}): prepare it again")
+        require(0 <= ids.min() and ids.max() < self.tokenizer.vocab_size, f"{self.file.name} holds token ids outside "
+                f"its tokenizer's {self.tokenizer.vocab_size} ({ids.min().item()} to {ids.max().item()}): prepare it again")
         return ids
 
 
 def read_token_file(path):
-    """A file written by prepare -> (its header, a TokenFile of its ids); None for any other file."""
+    """A file written by prepare -> (its header, a TokenFile of its ids, the file kept open); None for any other file."""
+    f = open(path, "rb")  # an OSError (an unreadable file) gets its own one line from main (section 16)
     try:
-        with open(path, "rb") as f:
-            if f.read(len(TOKEN_FILE_MAGIC)) != TOKEN_FILE_MAGIC:
-                return None
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(min(header_size, os.fstat(f.fileno()).st_size)))  # at most what the file has
-    except ValueError as e:  # an OSError (an unreadable file) gets its own one line from main (section 16)
+        if f.read(len(TOKEN_FILE_MAGIC)) != TOKEN_FILE_MAGIC:
+            f.close()
+            return None
+        header_size, file_size = int.from_bytes(f.read(8), "little"), os.fstat(f.fileno()).st_size
+        header = json.loads(f.read(min(header_size, file_size)))  # at most what the file has
+    except ValueError as e:
         raise GPTError(f"cannot read {str(path)!r} as a token file ({e})".splitlines()[0]) from None
     header = header if isinstance(header, dict) else {}  # JSON, but not a header: incomplete, below
     dtype = {"uint16": torch.int16, "uint32": torch.int32}.get(header.get("dtype"))  # the same bits, signed
     start = len(TOKEN_FILE_MAGIC) + 8 + header_size
     require(header.get("format") == 1 and dtype is not None and isinstance(header.get("tokens"), int)
-            and start + header["tokens"] * dtype.itemsize == os.path.getsize(path),
+            and start + header["tokens"] * dtype.itemsize == file_size,
             f"{path} is not a complete token file (truncated, or written by another program)")
-    return header, TokenFile(path, start, header["tokens"], dtype, tokenizer_from_dict(header.get("tokenizer"), path))
+    return header, TokenFile(f, start, header["tokens"], dtype, tokenizer_from_dict(header.get("tokenizer"), path))
 
 
 def last_cut(text, end):

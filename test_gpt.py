@@ -1200,6 +1200,17 @@ def test_an_atomic_write_puts_each_file_on_disk_before_naming_it_and_names_the_s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "last.pt"]
 
 
+def test_an_atomic_write_cleans_up_after_killed_writers_only_and_takes_its_name_as_it_is(tmp_path):
+    target = tmp_path / "a[1].tokens"  # to glob, [1] would mean "the character 1"
+    killed = tmp_path / f".a[1].tokens.{ended_process_id()}.tmp"  # a writer killed mid-write left it
+    live = tmp_path / f".a[1].tokens.{os.getppid()}.tmp"  # another process (this one's parent) writing it now
+    other = tmp_path / f".a1.tokens.{ended_process_id()}.tmp"  # another file's
+    for path in (killed, live, other):
+        path.write_bytes(b"part of a file")
+    gpt.write_atomically(target, lambda f: f.write(b"whole"))
+    assert target.read_bytes() == b"whole" and not killed.exists() and live.exists() and other.exists()
+
+
 def test_bad_bench_contexts_get_one_line(capsys):
     for contexts in ("256,abc", "0,512", ""):
         assert gpt.main(["bench", "--contexts", contexts]) == 1
@@ -1375,11 +1386,17 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path)
         assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["ckpt.pt", "last.pt", "loss.svg"]
     assert steps == sorted(steps) and steps[-1] > steps[0]  # each run resumed where the last one was killed
     # a leftover temporary file is cleaned up by the next save (of a run whose second --max-iters overrides the first)
-    (out / ".last.pt.12345.tmp").write_bytes(b"half a checkpoint")
+    (out / f".last.pt.{ended_process_id()}.tmp").write_bytes(b"half a checkpoint")
     finished = subprocess.run(args + ["--max-iters", str(steps[-1] + 2), "--resume"], capture_output=True, text=True,
                               timeout=120)
     assert finished.returncode == 0, finished.stderr
     assert sorted(p.name for p in out.iterdir()) == [".lock", "ckpt.pt", "last.pt", "loss.svg"]  # .lock: see below
+
+
+def ended_process_id():  # the id of a process that has ended (no other takes it for a while)
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
 
 
 def wait_for(condition, process, seconds=60):
@@ -1662,6 +1679,20 @@ def test_training_on_a_text_and_on_its_prepared_tokens_gives_the_same_run_bit_fo
     a, b = (gpt.load_checkpoint(Path(folder) / "last.pt") for folder in (text_run.out_dir, tmp_path / "from-tokens"))
     assert_same_run(a, b)
     assert a["history"] == b["history"] and a["tokenizer"] == b["tokenizer"]
+
+
+def test_a_token_file_prepared_again_while_training_reads_gives_the_run_its_first_ids(tmp_path):
+    # The run keeps the file it opened: prepare's new file (renamed over the old name) is not
+    # half read into it, however much shorter or longer it is.
+    source = tmp_path / "text.txt"
+    source.write_text("abcd" * 500, encoding="utf-8")
+    with contextlib.redirect_stderr(io.StringIO()):
+        _, tokens = gpt.read_token_file(gpt.prepare(gpt.PrepareConfig(data=str(source))))
+        first = tokens[torch.arange(len(tokens))].tolist()
+        source.write_text("zyx", encoding="utf-8")
+        gpt.prepare(gpt.PrepareConfig(data=str(source)))
+    assert tokens[torch.arange(len(tokens))].tolist() == first == [0, 1, 2, 3] * 500
+    assert tokens[500:][torch.arange(8)].tolist() == first[500:508]
 
 
 def test_data_prepared_with_another_tokenizer_is_refused_with_one_line(trained, tmp_path, capsys):
