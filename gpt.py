@@ -1962,6 +1962,15 @@ def trained_model(out_dir, init_from):
     return model_from_checkpoint(load_checkpoint(path), path)
 
 
+def prompt_ids(tokenizer, prompt):
+    """sample's and inspect's --prompt -> its ids; an empty prompt, the start token (a text's beginning)."""
+    try:
+        prompt.encode("utf-8")  # bytes typed that are not UTF-8 reach Python as lone surrogates, which fail here
+    except UnicodeEncodeError as e:
+        raise GPTError(f"--prompt is not UTF-8 text (character {e.start + 1} is not): type it in a UTF-8 terminal") from None
+    return tokenizer.encode(prompt) or [tokenizer.start_token]
+
+
 @dataclass
 class TrainedModel:  # the flags that choose a model and where it runs: sample's and inspect's
     out_dir: str = option("out", "folder whose ckpt.pt to use (inspect writes attention.svg there too)")
@@ -1996,7 +2005,7 @@ def sample(cfg, out=None):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     model, tokenizer = trained_model(cfg.out_dir, cfg.init_from)
-    prompt = tokenizer.encode(cfg.prompt) or [tokenizer.start_token]
+    prompt = prompt_ids(tokenizer, cfg.prompt)
     if len(prompt) > model.config.block_size:
         log(f"the prompt has {len(prompt)} tokens; the model sees its last {model.config.block_size}")
     model.to(device=device, dtype=dtype)
@@ -2083,9 +2092,11 @@ def loss_curve_svg(history):
 
 def visible(token_text):
     """A token as it can be seen: a newline, a space or a tab drawn as a sign, other control
-    characters as Unicode's pictures of them (XML cannot hold most of them as they are)."""
+    characters as Unicode's pictures of them, U+FFFE and U+FFFF as the replacement character (XML
+    cannot hold most of them as they are)."""
     text = token_text.replace("\n", "\u23ce").replace(" ", "\u2423").replace("\t", "\u21e5")
-    return "".join(chr(0x2400 + ord(ch)) if ord(ch) < 0x20 else "\u2421" if ch == "\x7f" else ch for ch in text)
+    return "".join(chr(0x2400 + ord(ch)) if ord(ch) < 0x20 else "\u2421" if ch == "\x7f" else
+                   "\ufffd" if ch in "\ufffe\uffff" else ch for ch in text)
 
 
 def weight_color(w):
@@ -2158,7 +2169,7 @@ def inspect(cfg, out=None):
     out = out or sys.stdout
     device = pick_device(cfg.device)
     model, tokenizer = trained_model(cfg.out_dir, cfg.init_from)
-    ids = (tokenizer.encode(cfg.prompt) or [tokenizer.start_token])[-model.config.block_size:]
+    ids = prompt_ids(tokenizer, cfg.prompt)[-model.config.block_size:]
     n = min(len(ids), cfg.max_tokens)  # the tokens drawn: the last n
     path = Path(cfg.svg) if cfg.svg else Path(cfg.out_dir) / "attention.svg"
     check_writable(path, b"<svg", "--svg" if cfg.svg else "--out-dir", "an SVG picture")
@@ -2409,6 +2420,8 @@ def main(argv=None):
         return e.code
     run, config_class = given.pop("run"), given.pop("config_class")  # the rest: only the flags typed, no defaults
     sys.stdout = sys.stdout or open(os.devnull, "w")  # started with stdout closed (>&-): the text goes nowhere
+    if hasattr(sys.stdout, "reconfigure"):  # the text is UTF-8 wherever it goes: Windows would write a file in its
+        sys.stdout.reconfigure(encoding="utf-8")  # code page (cp1252), which has no place for most characters
     try:
         if run is train:  # train also takes the checkpoint --resume read, and says which signal stopped it
             cfg, checkpoint = resumed_config(given) if given.get("resume") else (config_class(**given), None)

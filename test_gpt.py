@@ -1296,6 +1296,25 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         assert folder_bytes(tmp_path) == before, argv
 
 
+def test_a_prompt_typed_in_another_encoding_gets_one_line_and_any_sample_reaches_a_file_whole(tmp_path):
+    # A Latin-1 terminal passes "café" as the bytes caf\xe9, not UTF-8; and Windows writes `sample > out.txt`
+    # in its code page (cp1252), which has no 日: the text must go out as UTF-8 wherever stdout goes.
+    cfg = train_cfg(tmp_path, text="日本 語" * 100, max_iters=1, eval_interval=1)
+    with contextlib.redirect_stderr(io.StringIO()):
+        gpt.train(cfg)
+    cp1252 = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    for command in ("sample", "inspect"):
+        result = subprocess.run([sys.executable, HERE / "gpt.py", command, "--out-dir", cfg.out_dir, "--prompt",
+                                 "日本".encode() + b"\xe9"], capture_output=True, timeout=120, env=cp1252)
+        err = result.stderr.decode()
+        assert result.returncode == 1 and err.count("\n") == 1 and "--prompt is not UTF-8 text (character 3" in err, err
+    result = subprocess.run([sys.executable, HERE / "gpt.py", "sample", "--out-dir", cfg.out_dir, "--prompt", "日本",
+                             "--max-new-tokens", "30"], capture_output=True, timeout=120, env=cp1252)
+    assert result.returncode == 0, result.stderr.decode()
+    text = result.stdout.decode("utf-8")
+    assert text.startswith("日本") and len(text) == 2 + 30 + 1 and set(text) <= set("日本 語\n")
+
+
 def test_an_empty_prompt_starts_a_text_where_a_speech_starts_a_play_after_a_new_line(trained, capsys):
     assert gpt.main(["sample", "--out-dir", str(trained), "--max-new-tokens", "30", "--prompt", ""]) == 0
     empty = capsys.readouterr().out
@@ -2121,8 +2140,8 @@ def test_the_attention_picture_shades_each_weight_and_leaves_the_future_blank(in
         assert all(a >= b for a, b in zip(c1, c2)), (w1, c1, w2, c2)
     labels = [t.text for t in root.iter(SVG + "text")]
     assert "\u23ce" in labels and "\u2423" in labels  # the newline and the spaces are drawn as signs
-    weights = [torch.softmax(torch.randn(1, 3, 3), dim=-1)]
-    ElementTree.fromstring(gpt.attention_svg(weights, [gpt.visible(ch) for ch in "\x0c\x1b\x7f"]))  # XML holds it
+    weights = [torch.softmax(torch.randn(1, 5, 5), dim=-1)]  # characters XML cannot hold, as they are drawn:
+    ElementTree.fromstring(gpt.attention_svg(weights, [gpt.visible(ch) for ch in "\x0c\x1b\x7f\ufffe\uffff"]))
 
 
 # ---------------------------------------------------------------------------------------------
