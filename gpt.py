@@ -1154,6 +1154,28 @@ def last_cut(text, end):
         window *= 16
 
 
+def cut_pieces(text):
+    """text in pieces of about PREPARE_PIECE_CHARS, each ending at a last_cut (the rest in one where there is none)."""
+    start = 0
+    while len(text) - start > PREPARE_PIECE_CHARS and (cut := last_cut(text, start + PREPARE_PIECE_CHARS)) > start:
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def encode_text(tokenizer, text):
+    """train's text -> its ids (N,), tokenizer.encode(text) computed a piece at a time, to show progress."""
+    ids, done, progress = array.array("q"), 0, Progress(f"encoding the text ({tokenizer.kind})", len(text),
+                                                          "M characters", 1e6)
+    if tokenizer.kind == "char":
+        check_characters(tokenizer, text)  # its error counts every character the text has and the vocabulary lacks
+    for piece in cut_pieces(text):
+        ids.extend(tokenizer.encode(piece))
+        done += len(piece)
+        progress(done)
+    return torch.frombuffer(ids, dtype=torch.int64)  # (N,), in the array's memory
+
+
 def text_chunks(path, progress=lambda done: None, whole=False):
     """Yield the UTF-8 text of path in pieces of about PREPARE_CHUNK_BYTES, each ending at a last_cut or at the end
     of the file (whole: in one piece, uncut), or raise this section's error for a bad file. progress(bytes read)
@@ -1196,14 +1218,10 @@ def encode_chunk(tokenizer, text, lookup, typecode, pool):
         data = bytearray(len(ids) * array.array(typecode).itemsize)
         torch.frombuffer(data, dtype=torch.int16 if typecode == "H" else torch.int32).copy_(ids)  # the same bits
         return data
-    pieces = []  # then text, the rest: one piece where last_cut finds no place to cut
-    while len(text) > PREPARE_PIECE_CHARS and (cut := last_cut(text, PREPARE_PIECE_CHARS)):
-        pieces.append(text[:cut])
-        text = text[cut:]
     def encode(piece):  # tiktoken's plain encoding where no <|endoftext|> can be: its scan for one costs 10%
         ids = tokenizer.encode(piece) if "<|endoftext|>" in piece else tokenizer.encoding.encode_ordinary(piece)
         return array.array(typecode, ids)
-    return b"".join(pool.map(encode, pieces + [text]))  # an array is bytes-like: joined as it is
+    return b"".join(pool.map(encode, cut_pieces(text)))  # an array is bytes-like: joined as it is
 
 
 @dataclass
@@ -1728,7 +1746,7 @@ class TrainingRun:
         self.tokenizer, self.config, self.weights = model_source(cfg, text, self.resume, data_tokenizer)
         shape = {name: getattr(self.config, name) for name in SHAPE_FLAGS}
         self.cfg = cfg = dataclasses.replace(cfg, tokenizer=self.tokenizer.kind, **shape)  # saved with the run
-        self.tokens = torch.tensor(self.tokenizer.encode(text)) if text is not None else token_file[1]  # (N,)
+        self.tokens = encode_text(self.tokenizer, text) if text is not None else token_file[1]  # (N,)
         check_writable(self.out_dir / "loss.svg", b"<svg", "--out-dir", "an SVG picture")
         require(cfg.grad_accum % process_count() == 0, f"--grad-accum {cfg.grad_accum} is not divisible by the "
                 f"{process_count()} processes that share out its micro-batches")

@@ -1668,6 +1668,7 @@ def test_prepared_tokens_are_the_encoding_of_the_whole_text_wherever_the_chunks_
     tokenizer = gpt.CharTokenizer.from_text(text) if kind == "char" else gpt.BPETokenizer()
     expected = tokenizer.encode(text)
     assert tokens[torch.arange(len(tokens))].tolist() == expected
+    assert gpt.encode_text(tokenizer, text).tolist() == expected  # train's encoding, in pieces of the same size
     assert header["tokens"] == len(expected) and header["dtype"] == "uint16" and header["source"] == source.name
     assert header["source_bytes"] == len(text.encode("utf-8"))
     assert gpt.tokenizer_from_dict(header["tokenizer"], path).vocab_size == tokenizer.vocab_size
@@ -1796,11 +1797,13 @@ def test_long_jobs_show_progress_with_an_eta(tmp_path, monkeypatch, capsys):
     # A progress line is due every LOG_EVERY_SECONDS; at 0, every call of each job's report logs.
     monkeypatch.setattr(gpt, "LOG_EVERY_SECONDS", 0)
     monkeypatch.setattr(gpt, "PREPARE_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(gpt, "PREPARE_PIECE_CHARS", 1000)  # train encodes its text in pieces of this many characters
     cfg = train_cfg(tmp_path, max_iters=2, eval_interval=2, eval_iters=3)
     gpt.prepare(gpt.PrepareConfig(data=cfg.data))
     gpt.train(cfg)
     err = capsys.readouterr().err
-    for job in ("collecting the characters", "encoding (char)", "evaluating the train loss", "evaluating the val loss"):
+    for job in ("collecting the characters", "encoding (char)", "encoding the text (char)", "evaluating the train loss",
+                "evaluating the val loss"):
         lines = [line for line in err.splitlines() if line.startswith(job + ":")]
         assert lines and all("ETA" in line and "/s" in line for line in lines), (job, err)
     assert [line for line in err.splitlines() if line.startswith("encoding")][-1].endswith("ETA 0m00s")  # at the end
