@@ -2029,17 +2029,19 @@ def sample(cfg, out=None):
     model.to(device=device, dtype=dtype)
     idx = torch.tensor([prompt], device=device)  # (1, T)
     generator = torch.Generator().manual_seed(cfg.seed)
-    start = time.perf_counter()
+    count, start = cfg.num_samples * cfg.max_new_tokens, time.perf_counter()
+    progress = (lambda done: None) if out.isatty() else Progress("sampling", count, "tokens")  # a terminal shows the text
     for i in range(cfg.num_samples):
         out.write(cfg.prompt)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a BPE token may end mid-character
-        for token in generate_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                     not cfg.no_kv_cache, generator):
+        for done, token in enumerate(generate_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                                                     cfg.top_p, not cfg.no_kv_cache, generator), i * cfg.max_new_tokens + 1):
             out.write(decoder.decode(tokenizer.token_bytes(int(token))))
             out.flush()
+            progress(done)
         out.write(decoder.decode(b"", final=True) + "\n" + ("-" * 40 + "\n" if i + 1 < cfg.num_samples else ""))
         out.flush()
-    seconds, count = time.perf_counter() - start, cfg.num_samples * cfg.max_new_tokens
+    seconds = time.perf_counter() - start
     log(f"{count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):,.1f} tokens/s "
         f"({device.type}, {dtype_name(dtype)}, {'no ' if cfg.no_kv_cache else ''}KV cache)")
     return count

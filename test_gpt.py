@@ -1801,9 +1801,16 @@ def test_long_jobs_show_progress_with_an_eta(tmp_path, monkeypatch, capsys):
     cfg = train_cfg(tmp_path, max_iters=2, eval_interval=2, eval_iters=3)
     gpt.prepare(gpt.PrepareConfig(data=cfg.data))
     gpt.train(cfg)
+    gpt.sample(gpt.SampleConfig(out_dir=cfg.out_dir, max_new_tokens=3, num_samples=2), out=io.StringIO())  # to a file
     err = capsys.readouterr().err
+    assert [line.split(",")[0] for line in err.splitlines() if line.startswith("sampling:")] == [
+        f"sampling: {n} of 6 tokens" for n in range(1, 7)]
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True  # where the text itself shows the progress
+    gpt.sample(gpt.SampleConfig(out_dir=cfg.out_dir, max_new_tokens=3), out=terminal)
+    assert "sampling:" not in capsys.readouterr().err
     for job in ("collecting the characters", "encoding (char)", "encoding the text (char)", "evaluating the train loss",
-                "evaluating the val loss"):
+                "evaluating the val loss", "sampling"):
         lines = [line for line in err.splitlines() if line.startswith(job + ":")]
         assert lines and all("ETA" in line and "/s" in line for line in lines), (job, err)
     assert [line for line in err.splitlines() if line.startswith("encoding")][-1].endswith("ETA 0m00s")  # at the end
