@@ -2259,12 +2259,11 @@ def bench(cfg, out=None):
     out.write(f"model: the default GPTConfig, {model.num_parameters():,} parameters, batch {batch}, context "
               f"{config.block_size}, dropout {config.dropout}; matmul peak: "
               + ", ".join(f"{dtype_name(d)} {p / 1e9:,.0f} GFLOP/s" for d, p in peaks.items()) + "\n\n")
-    seconds = {dtype: [] for dtype in dtypes}
+    seconds, progress = {dtype: [] for dtype in dtypes}, Progress("timing training", cfg.rounds, "rounds")
     for round_ in range(cfg.rounds):
         for dtype in dtypes:
             seconds[dtype].append(timed(steps[dtype][1], cfg.steps, device))
-        log(f"training round {round_ + 1}/{cfg.rounds}: " + ", ".join(f"{dtype_name(d)} {s[-1] * 1000:.0f} ms/step"
-                                                                       for d, s in seconds.items()))
+        progress(round_ + 1, "; " + ", ".join(f"{dtype_name(d)} {s[-1] * 1000:.0f} ms/step" for d, s in seconds.items()))
     tokens, flops = batch * config.block_size, flops_per_token(model) * batch * config.block_size
     out.write(f"training ({cfg.rounds} alternating rounds of {cfg.steps} steps, medians)\n| number format | ms/step | "
               f"tokens/s | MFU vs its own peak | MFU vs the {dtype_name(auto)} peak |\n|---|---|---|---|---|\n")
@@ -2284,7 +2283,7 @@ def bench_sampling(model, device, dtypes, cfg, out):
     auto, short, n = dtypes[-1], model.config.block_size - 1, cfg.sample_tokens
     runs = ((short, True), (n, True), (n, False))  # (new tokens, KV cache)
     speed = {(dtype, tokens, kv_cache): [] for dtype in dtypes for tokens, kv_cache in runs}
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    prompt, progress = torch.zeros((1, 1), dtype=torch.long, device=device), Progress("timing sampling", cfg.rounds, "rounds")
     for round_ in range(cfg.rounds):
         for dtype, tokens, kv_cache in speed:
             model.to(dtype)
@@ -2292,9 +2291,8 @@ def bench_sampling(model, device, dtypes, cfg, out):
             seconds = timed(lambda: generate(model, prompt, tokens, kv_cache=kv_cache,
                                              generator=torch.Generator().manual_seed(0)), 1, device, warmup=0)
             speed[dtype, tokens, kv_cache].append(tokens / seconds)
-        log(f"sampling round {round_ + 1}/{cfg.rounds}: " + ", ".join(
-            f"{dtype_name(d)} {t}{'' if kv else ' uncached'} {s[-1]:,.0f}" for (d, t, kv), s in speed.items()) +
-            " tokens/s")
+        progress(round_ + 1, "; tokens/s: " + ", ".join(f"{dtype_name(d)} {t}{'' if kv else ' uncached'} {s[-1]:,.0f}"
+                                                        for (d, t, kv), s in speed.items()))
     out.write(f"\nsampling one sequence from a one-token prompt, tokens/s ({cfg.rounds} rounds, medians; "
               f"`sample` uses {dtype_name(auto)} weights)\n| weights | KV cache, {short} tokens | KV cache, {n} tokens "
               f"| no cache, {n} tokens |\n|---|---|---|---|\n")

@@ -1168,13 +1168,18 @@ def test_the_contexts_bench_reports_out_of_memory_and_stops_that_variant(monkeyp
         assert T / ((ms + 0.5) / 1000) - 1 <= tokens_per_second <= T / ((ms - 0.5) / 1000) + 1  # ms is rounded
 
 
-def test_bench_times_train_s_dropout_with_one_loss_scaler_per_number_format(monkeypatch):
+def test_bench_times_train_s_dropout_with_one_loss_scaler_per_number_format_and_shows_its_progress(monkeypatch):
     # A scaler made anew for every step would restart float16's scale each step, and time skipped updates.
     made, real = [], torch.amp.GradScaler
     monkeypatch.setattr(torch.amp, "GradScaler", lambda *args, **kwargs: made.append(args) or real(*args, **kwargs))
-    out = io.StringIO()
-    with contextlib.redirect_stderr(io.StringIO()):
+    monkeypatch.setattr(gpt, "LOG_EVERY_SECONDS", 0)  # a progress line after every round
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
         gpt.bench(gpt.BenchConfig(device="cpu", steps=2, rounds=2, sample_tokens=4), out)
+    for job in ("timing training", "timing sampling"):
+        lines = [line for line in err.getvalue().splitlines() if line.startswith(job)]
+        assert [line.split(",")[0] for line in lines] == [f"{job}: {n} of 2 rounds" for n in (1, 2)], err.getvalue()
+        assert "ETA" in lines[0] and ("ms/step" if job == "timing training" else "tokens/s") in lines[0]
     formats = len(set([torch.float32, gpt.pick_dtype("auto", torch.device("cpu"))]))
     assert len(made) == formats and f"dropout {gpt.TrainConfig.dropout};" in out.getvalue()
     assert out.getvalue().count("| float32") == 2  # a training row and a sampling row
