@@ -1985,7 +1985,7 @@ def prompt_ids(tokenizer, prompt):
     try:
         prompt.encode("utf-8")  # bytes typed that are not UTF-8 reach Python as lone surrogates, which fail here
     except UnicodeEncodeError as e:
-        raise GPTError(f"--prompt is not UTF-8 text (character {e.start + 1} is not): type it in a UTF-8 terminal") from None
+        raise GPTError(f"--prompt is not UTF-8 (its character {e.start + 1}): type it in a UTF-8 terminal") from None
     return tokenizer.encode(prompt) or [tokenizer.start_token]
 
 
@@ -2034,8 +2034,9 @@ def sample(cfg, out=None):
     for i in range(cfg.num_samples):
         out.write(cfg.prompt)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a BPE token may end mid-character
-        for done, token in enumerate(generate_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                                                     cfg.top_p, not cfg.no_kv_cache, generator), i * cfg.max_new_tokens + 1):
+        tokens = generate_stream(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                 not cfg.no_kv_cache, generator)
+        for done, token in enumerate(tokens, i * cfg.max_new_tokens + 1):  # done: tokens drawn by all samples so far
             out.write(decoder.decode(tokenizer.token_bytes(int(token))))
             out.flush()
             progress(done)
@@ -2283,7 +2284,8 @@ def bench_sampling(model, device, dtypes, cfg, out):
     auto, short, n = dtypes[-1], model.config.block_size - 1, cfg.sample_tokens
     runs = ((short, True), (n, True), (n, False))  # (new tokens, KV cache)
     speed = {(dtype, tokens, kv_cache): [] for dtype in dtypes for tokens, kv_cache in runs}
-    prompt, progress = torch.zeros((1, 1), dtype=torch.long, device=device), Progress("timing sampling", cfg.rounds, "rounds")
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    progress = Progress("timing sampling", cfg.rounds, "rounds")
     for round_ in range(cfg.rounds):
         for dtype, tokens, kv_cache in speed:
             model.to(dtype)

@@ -1312,7 +1312,7 @@ def test_a_prompt_typed_in_another_encoding_gets_one_line_and_any_sample_reaches
         result = subprocess.run([sys.executable, HERE / "gpt.py", command, "--out-dir", cfg.out_dir, "--prompt",
                                  "日本".encode() + b"\xe9"], capture_output=True, timeout=120, env=cp1252)
         err = result.stderr.decode()
-        assert result.returncode == 1 and err.count("\n") == 1 and "--prompt is not UTF-8 text (character 3" in err, err
+        assert result.returncode == 1 and err.count("\n") == 1 and "--prompt is not UTF-8 (its character 3)" in err, err
     result = subprocess.run([sys.executable, HERE / "gpt.py", "sample", "--out-dir", cfg.out_dir, "--prompt", "日本",
                              "--max-new-tokens", "30"], capture_output=True, timeout=120, env=cp1252)
     assert result.returncode == 0, result.stderr.decode()
