@@ -751,7 +751,8 @@ def write_atomically(path, write, also=None):
         for leftover in name.parent.glob(f".{glob.escape(name.name)}.*.tmp"):
             pid = leftover.name.removesuffix(".tmp").rpartition(".")[2]
             if not (pid.isdecimal() and process_alive(int(pid))):
-                leftover.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # gone already, or (Windows) open in a live writer
+                    leftover.unlink()
     tmp = [name.with_name(f".{name.name}.{os.getpid()}.tmp") for name in names]
     try:
         with open(tmp[0], "wb") as f:
