@@ -790,9 +790,9 @@ def process_alive(pid):  # on Unix, where signal 0 sends nothing but says whethe
         return isinstance(e, PermissionError)  # another user's process
 
 
-def starts_with(path, prefix):  # whether the file path begins with the bytes prefix
+def head(path, size=4096):  # the first bytes of the file path
     with open(path, "rb") as f:
-        return f.read(len(prefix)) == prefix
+        return f.read(size)
 
 
 def locked(path, wait=True):
@@ -813,15 +813,15 @@ def out_of_memory(e):  # a MemoryError, or a RuntimeError of torch's (CUDA's, MP
     return isinstance(e, MemoryError) or bool(re.search(r"out of memory|can't allocate|size calculation overflow", str(e)))
 
 
-def check_writable(path, magic, flag_name, kind):  # path's folder takes files; path is absent or one of its kind
+def check_writable(path, mark, flag_name, kind):  # path's folder takes files; path is absent, or mark is in its head
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         (path.parent / f".write-test.{os.getpid()}").touch()
         (path.parent / f".write-test.{os.getpid()}").unlink()
     except OSError as e:
         raise GPTError(f"cannot write to {flag_name} {str(path.parent)!r}: {e.strerror or e}") from None
-    require(not path.exists() or path.is_file() and starts_with(path, magic), f"{flag_name} {str(path)!r} exists and "
-            f"is not {kind}: gpt.py replaces only {kind} it wrote, never a text, a checkpoint or a folder")
+    require(not path.exists() or path.is_file() and mark in head(path), f"{flag_name} {str(path)!r} exists and is "
+            f"not {kind}: gpt.py replaces only {kind} it wrote, never a text, a checkpoint, another picture or a folder")
 
 
 def option(default, help, **argparse_kwargs):
@@ -1236,7 +1236,7 @@ class PrepareConfig:
 def prepare(cfg):
     source, out = Path(cfg.data), Path(cfg.out or cfg.data + ".tokens")
     check_data_file(source)
-    require(not starts_with(source, TOKEN_FILE_MAGIC), f"--data {str(source)!r} is a token file already: train "
+    require(not head(source).startswith(TOKEN_FILE_MAGIC), f"--data {str(source)!r} is a token file already: train "
             f"--data reads it as it is")
     check_writable(out, TOKEN_FILE_MAGIC, "--out", "a token file")  # before the work, not after it
     size, tokenizer, lookup = source.stat().st_size, BPETokenizer() if cfg.tokenizer == "bpe" else None, None
@@ -1748,7 +1748,7 @@ class TrainingRun:
         shape = {name: getattr(self.config, name) for name in SHAPE_FLAGS}
         self.cfg = cfg = dataclasses.replace(cfg, tokenizer=self.tokenizer.kind, **shape)  # saved with the run
         self.tokens = encode_text(self.tokenizer, text) if text is not None else token_file[1]  # (N,)
-        check_writable(self.out_dir / "loss.svg", b"<svg", "--out-dir", "an SVG picture")
+        check_writable(self.out_dir / "loss.svg", LOSS_TITLE.encode(), "--out-dir", "a loss curve")
         require(cfg.grad_accum % process_count() == 0, f"--grad-accum {cfg.grad_accum} is not divisible by the "
                 f"{process_count()} processes that share out its micro-batches")
         self.control = None  # with several processes, a gloo group for their shared decisions (NCCL takes only GPU tensors)
@@ -2056,6 +2056,7 @@ def sample(cfg, out=None):
 
 SVG_FONT = 'font-family="sans-serif" font-size="11"'
 SVG_TITLE = 'font-family="sans-serif" font-size="13"'
+LOSS_TITLE, ATTENTION_TITLE = "loss against step", "attention weights"  # each picture's mark: what gpt.py replaces
 
 
 def svg(width, height, body):
@@ -2083,7 +2084,7 @@ def loss_curve_svg(history):
     losses = [h[split] for h in history for split in ("train", "val")]
     x_ticks, x = axis(0, max(h["step"] for h in history), left, width - right)
     y_ticks, y = axis(min(losses), max(losses), height - bottom, top)  # a higher loss, higher up
-    body = [f'<text x="{left}" y="18" {SVG_TITLE}>loss against step</text>',
+    body = [f'<text x="{left}" y="18" {SVG_TITLE}>{LOSS_TITLE}</text>',
             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
             f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle" {SVG_FONT}>step</text>',
@@ -2134,8 +2135,8 @@ def attention_svg(weights, labels):
     margin = 14 + 7 * max(len(label) for label in labels)  # room for the token labels
     size = T * cell
     width, height = margin + nh * (size + gap), 30 + margin + len(weights) * (size + gap)
-    body = [f'<text x="8" y="18" {SVG_TITLE}>attention weights: a row is a token (query), its '
-            f'cells the tokens it looks at (keys); darker = more</text>']
+    body = [f'<text x="8" y="18" {SVG_TITLE}>{ATTENTION_TITLE}: a row is a token (query), its cells the tokens it '
+            f'looks at (keys); darker = more</text>']
     for layer, layer_weights in enumerate(weights):
         for head in range(nh):
             x0, y0 = margin + head * (size + gap), 30 + margin + layer * (size + gap)
@@ -2194,7 +2195,7 @@ def inspect(cfg, out=None):
     ids = prompt_ids(tokenizer, cfg.prompt)[-model.config.block_size:]
     n = min(len(ids), cfg.max_tokens)  # the tokens drawn: the last n
     path = Path(cfg.svg) if cfg.svg else Path(cfg.out_dir) / "attention.svg"
-    check_writable(path, b"<svg", "--svg" if cfg.svg else "--out-dir", "an SVG picture")
+    check_writable(path, ATTENTION_TITLE.encode(), "--svg" if cfg.svg else "--out-dir", "an attention picture")
     with attention_forced("written out"), RecordingSoftmax() as softmaxes:
         logits, _ = model.to(device).eval()(torch.tensor([ids], device=device))  # (1, T, V)
     weights = [w[0].cpu() for w in softmaxes.outputs]  # per layer: (1, nh, T, T) -> (nh, T, T)

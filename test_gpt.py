@@ -1121,7 +1121,7 @@ BAD_INPUTS = [  # (what is wrong, the command line, words its one-line error mus
     ("n_embd past 64 bits", [*TRAIN, "--n-embd", str(2**64)], ["n_embd", "2**63"]),
     ("max_iters ends a max_minutes run before its plan", [*TRAIN, "--max-minutes", "1", "--max-iters", "20"],
      ["--max-minutes", "--max-iters 20"]),
-    ("loss.svg is not a picture", [*TRAIN, *SMALL, "--out-dir", "{tmp}/run"], ["loss.svg", "not an SVG picture"]),
+    ("loss.svg is not a picture", [*TRAIN, *SMALL, "--out-dir", "{tmp}/run"], ["loss.svg", "not a loss curve"]),
 ]
 
 
@@ -1257,7 +1257,8 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         (["sample", "--out-dir", run, "--prompt", "Hello ZZ ~ world"], ["lacks", "'~'"]),
         (["train", "--resume", "--out-dir", tmp_path / "nothing", "--data", data], ["nothing", "holds no training run"]),
         (["inspect", "--out-dir", run, "--svg", data / "attention.svg"], ["--svg", "data.txt"]),  # a file, not a folder
-        (["inspect", "--out-dir", run, "--svg", run / "ckpt.pt"], ["--svg", "not an SVG"]),  # never a checkpoint
+        (["inspect", "--out-dir", run, "--svg", run / "ckpt.pt"], ["--svg", "not an attention picture"]),  # a checkpoint
+        (["inspect", "--out-dir", run, "--svg", run / "loss.svg"], ["--svg", "not an attention picture"]),  # the loss
         (["train", "--out-dir", run, "--data", data, "--seed", 2**64], ["--seed", "2**63 - 1"]),  # torch's 64 bits
         (["sample", "--out-dir", run, "--seed", -1], ["--seed", "from 0"]),
         (["train", "--out-dir", tmp_path / "new", "--data", data, "--max-minutes", "inf"], ["--max-minutes", "finite"]),
@@ -1265,7 +1266,7 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         (["sample", "--init-from", tmp_path / "listed"], ["config.json", "no JSON object"]),
         (["train", "--resume", "--out-dir", run, "--max-iters", "30"], ["at step 30", "larger --max-iters"]),
         (["train", "--resume", "--out-dir", run, "--seed", "5"], ["--seed", "new run"]),  # resuming keeps its streams
-        (["inspect", "--out-dir", run, "--svg", tmp_path / "listed"], ["--svg", "not an SVG"]),  # a folder
+        (["inspect", "--out-dir", run, "--svg", tmp_path / "listed"], ["--svg", "not an attention picture"]),  # a folder
         (["train", "--resume", "--out-dir", tmp_path / "handmade"], ["not saved by train", "optimizer_state"]),
         (["train", "--resume", "--out-dir", tmp_path / "no_moments"], ["optimizer state does not fit"]),
         (["sample", "--init-from", tmp_path / "nulls"], ["config.json", "n_embd", "None"]),
