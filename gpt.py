@@ -1647,7 +1647,7 @@ def model_source(cfg, text, resume, data_tokenizer):
         tokenizer = data_tokenizer or (BPETokenizer() if cfg.tokenizer == "bpe" else CharTokenizer.from_text(text))
         shape = {name: getattr(GPTConfig if getattr(cfg, name) is None else cfg, name) for name in SHAPE_FLAGS}
         config = GPTConfig(vocab_size=tokenizer.vocab_size, **shape)  # the flags given, else GPTConfig's defaults
-    if cfg.init_from is not None:
+    if cfg.init_from is not None and resume is None:  # a resumed run keeps its shape
         config, weights = with_block_size(config, weights, cfg.block_size, source)
     for name in ("tokenizer", *SHAPE_FLAGS):
         value, has = getattr(cfg, name), tokenizer.kind if name == "tokenizer" else getattr(config, name)

@@ -536,6 +536,9 @@ def test_fine_tuning_a_checkpoint_at_a_longer_context_needs_rope(tmp_path):
     cropped = gpt.load_checkpoint(tmp_path / "learned-8" / "ckpt.pt")["model_state"]["transformer.wpe.weight"]
     assert cropped.shape == (8, 16)  # a shorter context keeps the first positions (the step barely moved them)
     torch.testing.assert_close(cropped, learned[:8], atol=1e-6, rtol=0)
+    for folder, block_size in (("learned-8", 4), ("rope-32", 64)):  # a resumed run keeps the shape it was trained at
+        refused = run_gpt("train", "--resume", "--out-dir", tmp_path / folder, "--max-iters", 9, "--block-size", block_size)
+        assert refused.returncode == 1 and f"--block-size {block_size} does not match" in refused.stderr, refused.stderr
 
 
 # ---------------------------------------------------------------------------------------------
