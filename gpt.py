@@ -1118,6 +1118,8 @@ class TokenFile:
         for row in rows:
             self.file.seek(self.start + int(row[0]) * size)
             raw += self.file.read(rows.size(1) * size)
+        require(len(raw) == rows.numel() * size, f"{self.file.name} is shorter than when training began (written over "
+                f"in place, not by prepare): prepare it again, then resume")
         ids = torch.frombuffer(raw, dtype=self.dtype).long().view(index.shape)
         ids = ids & 0xFFFF if self.dtype == torch.int16 else ids  # uint16's bits, read as int16, made positive
         require(0 <= ids.min() and ids.max() < self.tokenizer.vocab_size, f"{self.file.name} holds token ids outside "
@@ -1127,7 +1129,7 @@ class TokenFile:
 
 def read_token_file(path):
     """A file written by prepare -> (its header, a TokenFile of its ids, the file kept open); None for any other file."""
-    f = open(path, "rb")  # an OSError (an unreadable file) gets its own one line from main (section 16)
+    f = open(path, "rb", buffering=0)  # unbuffered: each read sees the file as it is; an OSError: main's line (section 16)
     try:
         if f.read(len(TOKEN_FILE_MAGIC)) != TOKEN_FILE_MAGIC:
             f.close()

@@ -1722,6 +1722,11 @@ def test_a_token_file_prepared_again_while_training_reads_gives_the_run_its_firs
         gpt.prepare(gpt.PrepareConfig(data=str(source)))
     assert tokens[torch.arange(len(tokens))].tolist() == first == [0, 1, 2, 3] * 500
     assert tokens[500:][torch.arange(8)].tolist() == first[500:508]
+    with contextlib.redirect_stderr(io.StringIO()):
+        _, tokens = gpt.read_token_file(gpt.prepare(gpt.PrepareConfig(data=str(source), out=str(tmp_path / "b"))))
+    os.truncate(tmp_path / "b", tokens.start + 2)  # written over in place (cp): the very file the run reads shrinks
+    with pytest.raises(gpt.GPTError, match="shorter than when training began"):
+        tokens[torch.arange(len(tokens))]
 
 
 def test_data_prepared_with_another_tokenizer_is_refused_with_one_line(trained, tmp_path, capsys):
