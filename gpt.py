@@ -2444,6 +2444,7 @@ def main(argv=None):
         return e.code
     run, config_class = given.pop("run"), given.pop("config_class")  # the rest: only the flags typed, no defaults
     sys.stdout = sys.stdout or open(os.devnull, "w")  # started with stdout closed (>&-): the text goes nowhere
+    sys.stderr = sys.stderr or open(os.devnull, "w")  # stderr closed (2>&-): progress too (print would take stdout)
     if hasattr(sys.stdout, "reconfigure"):  # the text is UTF-8 wherever it goes: Windows would write a file in its
         sys.stdout.reconfigure(encoding="utf-8")  # code page (cp1252), which has no place for most characters
     try:

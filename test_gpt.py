@@ -690,6 +690,13 @@ def test_sample_with_its_output_closed_writes_nowhere_without_a_traceback(traine
     assert gpt.main(["sample", "--out-dir", str(trained), "--max-new-tokens", "5"]) == 0
 
 
+def test_sample_with_its_progress_closed_writes_the_text_alone(trained, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stderr", None)  # as `python gpt.py sample 2>&-` starts Python
+    assert gpt.main(["sample", "--out-dir", str(trained), "--max-new-tokens", "5", "--prompt", "KING"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("KING") and len(text) == 4 + 5 + 1, text  # the prompt, 5 tokens, a new line: no statistics
+
+
 @quick
 @given(logits=logit_rows(), blocked=st.integers(0, 39), temperature=st.floats(0.05, 5.0), seed=st.integers(0, 99))
 @example(logits=PEAKED.clone(), blocked=0, temperature=5.0, seed=0)  # the likeliest token can never come
