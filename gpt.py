@@ -1136,7 +1136,7 @@ def read_token_file(path):
             return None
         header_size, file_size = int.from_bytes(f.read(8), "little"), os.fstat(f.fileno()).st_size
         header = json.loads(f.read(min(header_size, file_size)))  # at most what the file has
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # not JSON, or nested past Python's stack
         raise GPTError(f"cannot read {str(path)!r} as a token file ({e})".splitlines()[0]) from None
     header = header if isinstance(header, dict) else {}  # JSON, but not a header: incomplete, below
     dtype = {"uint16": torch.int16, "uint32": torch.int32}.get(header.get("dtype"))  # the same bits, signed
@@ -1355,7 +1355,7 @@ def read_safetensors(path):
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: never written back
         header_size = int.from_bytes(buffer[:8], "little")
         header = json.loads(buffer[8:8 + header_size]) if 8 + header_size <= len(buffer) else None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise GPTError(f"cannot read {str(path)!r} as a safetensors file ({e})".splitlines()[0]) from None
     require(isinstance(header, dict), f"{path} is not a safetensors file: it does not start with a JSON header")
     header.pop("__metadata__", None)  # the file's own notes, not a tensor
@@ -1381,7 +1381,7 @@ def gpt2_config_from_json(path):
     """Hugging Face's config.json for GPT-2 -> GPTConfig, refusing settings our model does not have."""
     try:
         hf = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise GPTError(f"cannot read {str(path)!r} as a GPT-2 config.json ({e})".splitlines()[0]) from None
     require(isinstance(hf, dict), f"{path} is not a GPT-2 config.json: it holds no JSON object")
     try:

@@ -1283,6 +1283,7 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         (["sample", "--init-from", tmp_path / "negative.safetensors"], ["negative.safetensors", "wte.weight", "shape"]),
         (["sample", "--init-from", tmp_path / "text.safetensors"], ["text.safetensors", "wte.weight", "data_offsets"]),
         (["sample", "--init-from", tmp_path / "flat.safetensors"], ["flat.safetensors", "two matrices"]),
+        (["sample", "--init-from", tmp_path / "deep.safetensors"], ["deep.safetensors", "safetensors file"]),
     ]
     (tmp_path / "listed").mkdir()  # a GPT-2 folder whose config.json is JSON, but not an object
     (tmp_path / "listed" / "config.json").write_text("[1, 2]")
@@ -1296,6 +1297,7 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
                                   "wpe.weight": {"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 48]}}}.items():
         raw = json.dumps(header).encode()  # safetensors: 8 bytes of header length, the header, the tensors' bytes
         (tmp_path / f"{name}.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(48))
+    (tmp_path / "deep.safetensors").write_bytes((10**5).to_bytes(8, "little") + b"[" * 10**5)  # JSON past the stack
     for name, damage in (("handmade", lambda c: c.pop("optimizer_state")),  # the keys sampling needs, not resuming
                          ("no_moments", lambda c: c.update(optimizer_state={"state": {}, "param_groups": []}))):
         shutil.copytree(trained, tmp_path / name)
@@ -1917,6 +1919,7 @@ def test_a_damaged_token_file_gets_one_line_and_trains_nothing(tmp_path, capsys)
         "header longer than the file": good[:8] + (2**62).to_bytes(8, "little") + good[16:],
         "header not JSON": good[:16] + b"\xff" * size + good[16 + size:],
         "header a JSON list": good[:16] + b"[1, 2]".ljust(size) + good[16 + size:],
+        "header nested too deep": good[:8] + (10**5).to_bytes(8, "little") + b"[" * 10**5 + good[16 + size:],
         "another format": good[:16] + json.dumps({**header, "format": 2}).encode().ljust(size) + good[16 + size:],
         "no count": good[:16] + json.dumps({**header, "tokens": None}).encode().ljust(size) + good[16 + size:],
     }
