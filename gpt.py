@@ -750,7 +750,7 @@ def write_atomically(path, write, also=None):
     for name in names:  # leftovers of a write that was killed (not those of another process writing it now)
         for leftover in name.parent.glob(f".{glob.escape(name.name)}.*.tmp"):
             pid = leftover.name.removesuffix(".tmp").rpartition(".")[2]
-            if not (pid.isdecimal() and process_alive(int(pid))):
+            if pid.isdecimal() and not process_alive(int(pid)):
                 with contextlib.suppress(OSError):  # gone already, or (Windows) open in a live writer
                     leftover.unlink()
     tmp = [name.with_name(f".{name.name}.{os.getpid()}.tmp") for name in names]

@@ -1220,10 +1220,11 @@ def test_an_atomic_write_cleans_up_after_killed_writers_only_and_takes_its_name_
     killed = tmp_path / f".a[1].tokens.{ended_process_id()}.tmp"  # a writer killed mid-write left it
     live = tmp_path / f".a[1].tokens.{os.getppid()}.tmp"  # another process (this one's parent) writing it now
     other = tmp_path / f".a1.tokens.{ended_process_id()}.tmp"  # another file's
-    for path in (killed, live, other):
+    notes = tmp_path / ".a[1].tokens.notes.tmp"  # no writer's: no process id
+    for path in (killed, live, other, notes):
         path.write_bytes(b"part of a file")
     gpt.write_atomically(target, lambda f: f.write(b"whole"))
-    assert target.read_bytes() == b"whole" and not killed.exists() and live.exists() and other.exists()
+    assert target.read_bytes() == b"whole" and not killed.exists() and live.exists() and other.exists() and notes.exists()
 
 
 def test_bad_bench_contexts_get_one_line(capsys):
