@@ -1899,8 +1899,10 @@ class TrainingRun:
         self.peak = max(self.peak, flops)  # a peak the model beat was too low: MFU <= 100%
         evals_left = (cfg.max_iters - 1) // cfg.eval_interval - self.step // cfg.eval_interval + 1
         eta = (cfg.max_iters - self.step) * self.train_seconds / self.timed_steps + evals_left * self.eval_seconds
-        log(f"step {self.step}/{cfg.max_iters} | loss {self.mean_loss(loss):.4f} | lr {lr:.2e} | {dt * 1000:.0f} "
-            f"ms/step | {self.tokens_per_step / dt:,.0f} tok/s | MFU {flops / self.peak:.0%} | ETA {duration(eta)}")
+        planned = self.plan_at is None  # --max-minutes: until its plan, max_iters is only a placeholder
+        log(f"step {self.step}/{cfg.max_iters if planned else '?'} | loss {self.mean_loss(loss):.4f} | lr {lr:.2e} | "
+            f"{dt * 1000:.0f} ms/step | {self.tokens_per_step / dt:,.0f} tok/s | MFU {flops / self.peak:.0%} | ETA "
+            f"{duration(eta) if planned else 'once planned'}")
         self.last_log_time, self.last_log_step = now, self.step
         return stop
 
@@ -1927,8 +1929,9 @@ class TrainingRun:
         "interrupted": the signal that stopped the run (SIGINT or SIGTERM), or 0 when it ran to the end."""
         if interrupted:
             self.save("last.pt")
-            log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. Continue with: "
-                f"python gpt.py train --resume --out-dir {shlex.quote(str(self.out_dir))}")
+            log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. " + (f"Continue with: python gpt.py "
+                f"train --resume --out-dir {shlex.quote(str(self.out_dir))}" if self.plan_at is None else "--max-minutes "
+                f"had not planned the run's length yet: start it again, or resume it with --max-iters"))
         else:
             log(f"done: {self.step} steps in {duration(time.perf_counter() - self.started)}; best val loss "
                 f"{self.best_val:.4f}, saved in {self.out_dir / 'ckpt.pt'}; sample with: python gpt.py sample "

@@ -1546,7 +1546,7 @@ def test_max_minutes_plans_a_step_count_that_reproduces_the_run_and_resumes(tmp_
         gpt.resumed_config({"resume": True, "out_dir": str(tmp_path / "out"), "max_minutes": 1.0})
 
 
-def test_a_max_minutes_run_stopped_before_its_plan_resumes_only_with_a_step_count(tmp_path, monkeypatch):
+def test_a_max_minutes_run_stopped_before_its_plan_resumes_only_with_a_step_count(tmp_path, monkeypatch, capsys):
     cfg = train_cfg(tmp_path, max_minutes=0.05, warmup_iters=10, max_iters=100000)  # the plan at step 9
     real_learning_rate = gpt.learning_rate
 
@@ -1556,6 +1556,10 @@ def test_a_max_minutes_run_stopped_before_its_plan_resumes_only_with_a_step_coun
         return real_learning_rate(step, cfg)
     monkeypatch.setattr(gpt, "learning_rate", ctrl_c_at_step_5)
     assert gpt.train(cfg)["interrupted"]
+    err = capsys.readouterr().err
+    assert "step 1/? |" in err and "ETA once planned" in err and "/100000" not in err  # no count, no ETA before it
+    stopped = err.splitlines()[-1]
+    assert "had not planned the run's length yet: start it again, or resume it with --max-iters" in stopped, stopped
     monkeypatch.setattr(gpt, "learning_rate", real_learning_rate)
     out = {"resume": True, "out_dir": cfg.out_dir}
     with pytest.raises(gpt.GPTError, match="stopped at step 6, before --max-minutes had planned"):
