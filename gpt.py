@@ -1147,23 +1147,27 @@ def read_token_file(path):
     return header, TokenFile(f, start, header["tokens"], dtype, tokenizer_from_dict(header.get("tokenizer"), path))
 
 
-def last_cut(text, end):
-    """The last SAFE_CUT place in text[:end], found by looking back from end; 0 if there is none."""
+def last_cut(text, end, start=0):
+    """The last SAFE_CUT place in text[start:end], found by looking back from end; 0 if there is none."""
     window = 256
     while True:
-        cuts = [m.start() + 1 for m in SAFE_CUT.finditer(text, max(0, end - window), end)]
-        if cuts or window >= end:
+        cuts = [m.start() + 1 for m in SAFE_CUT.finditer(text, max(start, end - window), end)]
+        if cuts or window >= end - start:
             return cuts[-1] if cuts else 0
         window *= 16
 
 
 def cut_pieces(text):
-    """text in pieces of about PREPARE_PIECE_CHARS, each ending at a last_cut (the rest in one where there is none)."""
+    """text in pieces of about PREPARE_PIECE_CHARS, each ending at a SAFE_CUT place (the last before that size,
+    else the first after it) or at the end of the text."""
     start = 0
-    while len(text) - start > PREPARE_PIECE_CHARS and (cut := last_cut(text, start + PREPARE_PIECE_CHARS)) > start:
+    while len(text) - start > PREPARE_PIECE_CHARS:
+        end, after = start + PREPARE_PIECE_CHARS, SAFE_CUT.search(text, start + PREPARE_PIECE_CHARS)
+        cut = last_cut(text, end, start) or (after.start() + 1 if after else len(text))
         yield text[start:cut]
         start = cut
-    yield text[start:]
+    if start < len(text):
+        yield text[start:]
 
 
 def encode_text(tokenizer, text):

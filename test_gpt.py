@@ -1697,6 +1697,16 @@ def test_prepared_tokens_are_the_encoding_of_the_whole_text_wherever_the_chunks_
     assert gpt.tokenizer_from_dict(header["tokenizer"], path).vocab_size == tokenizer.vocab_size
 
 
+def test_a_text_is_cut_into_pieces_of_about_the_same_size_past_a_stretch_without_a_place_to_cut(monkeypatch):
+    # (The pieces' ids are the whole text's: the test above.) One stretch that cannot be cut must not
+    # make the rest of the text one piece, which would take its memory and its progress lines away.
+    monkeypatch.setattr(gpt, "PREPARE_PIECE_CHARS", 10)
+    text = "x" * 50 + " ab" * 100
+    pieces = list(gpt.cut_pieces(text))
+    assert "".join(pieces) == text and pieces[0] == "x" * 50  # cut at the first place after the stretch
+    assert all(0 < len(piece) <= 10 for piece in pieces[1:]) and len(pieces) == 1 + 34, pieces
+
+
 def test_a_token_file_holds_ids_above_32767_and_uint32_when_the_vocabulary_needs_it(tmp_path):
     source = tmp_path / "wide.txt"
     source.write_text(" the cat sat on the mat; and then ~ a zebra (Zürich) in 2024", encoding="utf-8")
