@@ -1467,6 +1467,7 @@ def read_gpt2_weights(name_or_path):
         require(n_embd % 64 == 0, f"{weights_path}: width {n_embd} is not a multiple of GPT-2's 64-wide heads; "
                 f"put its config.json beside it")
         n_layer = len({name.split(".")[1] for name in tensors if name.startswith("h.")})
+        require(n_layer, f"{weights_path} holds no transformer blocks (tensors named h.0.*, h.1.*, ...)")
         config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_embd // 64,
                            n_embd=n_embd)
     head = tensors.pop("lm_head.weight", None)

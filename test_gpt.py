@@ -1285,6 +1285,7 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         (["sample", "--init-from", tmp_path / "text.safetensors"], ["text.safetensors", "wte.weight", "data_offsets"]),
         (["sample", "--init-from", tmp_path / "flat.safetensors"], ["flat.safetensors", "two matrices"]),
         (["sample", "--init-from", tmp_path / "deep.safetensors"], ["deep.safetensors", "safetensors file"]),
+        (["sample", "--init-from", tmp_path / "embeddings.safetensors"], ["embeddings.safetensors", "no transformer"]),
     ]
     (tmp_path / "listed").mkdir()  # a GPT-2 folder whose config.json is JSON, but not an object
     (tmp_path / "listed" / "config.json").write_text("[1, 2]")
@@ -1295,9 +1296,12 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
     for name, header in {"negative": {"wte.weight": {"dtype": "F32", "shape": [-2, -3], "data_offsets": [0, 24]}},
                          "text": {"wte.weight": {"dtype": "F32", "shape": [2, 3], "data_offsets": ["0", "24"]}},
                          "flat": {"wte.weight": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]},
-                                  "wpe.weight": {"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 48]}}}.items():
+                                  "wpe.weight": {"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 48]}},
+                         "embeddings": {"wte.weight": {"dtype": "F32", "shape": [3, 64], "data_offsets": [0, 768]},
+                                        "wpe.weight": {"dtype": "F32", "shape": [2, 64], "data_offsets": [768, 1280]}}
+                         }.items():
         raw = json.dumps(header).encode()  # safetensors: 8 bytes of header length, the header, the tensors' bytes
-        (tmp_path / f"{name}.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(48))
+        (tmp_path / f"{name}.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(1280))
     (tmp_path / "deep.safetensors").write_bytes((10**5).to_bytes(8, "little") + b"[" * 10**5)  # JSON past the stack
     for name, damage in (("handmade", lambda c: c.pop("optimizer_state")),  # the keys sampling needs, not resuming
                          ("no_moments", lambda c: c.update(optimizer_state={"state": {}, "param_groups": []}))):
