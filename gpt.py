@@ -1722,7 +1722,7 @@ def stop_on_ctrl_c():
 
     def handler(signum, frame):
         if requested:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)  # main exits with 128 + signum
         requested.append(signum)
         log(f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: finishing this step, then saving "
             f"(Ctrl-C again stops at once, without saving)")
@@ -2462,9 +2462,9 @@ def main(argv=None):
             return 128 + stopped_by if stopped_by else 0
         run(config_class(**given))
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C; or a second Ctrl-C or SIGTERM while training, which says its signal
         log("\ninterrupted")
-        return 130
+        return 128 + (e.args[0] if e.args else signal.SIGINT)
     except BrokenPipeError:  # whoever read our output stopped reading (python gpt.py sample | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -1608,7 +1608,8 @@ def test_a_run_whose_log_reader_has_gone_still_stops_on_ctrl_c_and_saves(tmp_pat
     assert gpt.load_checkpoint(out / "last.pt")["step"] > 0  # saved at the stop, not only at step 0
 
 
-def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+@pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_second_ctrl_c_or_sigterm_stops_at_once_without_saving(sent, code, tmp_path):
     data = tmp_path / "data.txt"
     data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
     out = tmp_path / "out"
@@ -1621,13 +1622,13 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
     wait_for(lambda: (out / "last.pt").exists(), process)
     saved = (out / "last.pt").read_bytes()
     time.sleep(0.3)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     err = ""
     while "finishing this step" not in err:  # the first Ctrl-C has been seen; press again, as a person would
         err += process.stderr.readline()
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     err += process.communicate(timeout=60)[1]
-    assert process.returncode == 130, err
+    assert process.returncode == code, err
     assert "Traceback" not in err and "stopped at step" not in err  # no save after the second Ctrl-C
     assert (out / "last.pt").read_bytes() == saved
     gpt.model_from_checkpoint(gpt.load_checkpoint(out / "ckpt.pt"))
