@@ -704,9 +704,9 @@ def require(condition, message):
 LOG_EVERY_SECONDS = 3  # a long job is never silent for longer
 
 
-def log(message):
-    """Progress goes to stderr (stdout carries only sampled text and tables); rank 0 alone speaks."""
-    if os.environ.get("RANK", "0") == "0":
+def log(message, every_process=False):
+    """Progress goes to stderr (stdout carries only sampled text and tables); rank 0 alone speaks, but for errors."""
+    if every_process or os.environ.get("RANK", "0") == "0":
         try:
             print(message, file=sys.stderr, flush=True)
         except OSError:  # its reader has gone (`train 2>&1 | tee log`, then Ctrl-C): the job goes on, unheard
@@ -840,7 +840,7 @@ def check_seed(seed):  # torch's generators take 64 bits; train adds the process
 def positive(settings, *names, shown=flag):
     for name in names:
         value = getattr(settings, name)
-        require(isinstance(value, int) and 0 < value < 2**63, f"{shown(name)} must be a positive whole number (below "
+        require(type(value) is int and 0 < value < 2**63, f"{shown(name)} must be a positive whole number (below "
                 f"2**63), got {value!r}")
 
 
@@ -1464,10 +1464,10 @@ def read_gpt2_weights(name_or_path):
         require(all(tensors.get(name, torch.empty(0)).dim() == 2 for name in ("wte.weight", "wpe.weight")),
                 f"{weights_path} holds no GPT-2 embeddings (wte and wpe, two matrices)")
         (vocab_size, n_embd), block_size = tensors["wte.weight"].shape, tensors["wpe.weight"].shape[0]
-        require(n_embd % 64 == 0, f"{weights_path}: width {n_embd} is not a multiple of GPT-2's 64-wide heads; "
-                f"put its config.json beside it")
         n_layer = len({name.split(".")[1] for name in tensors if name.startswith("h.")})
         require(n_layer, f"{weights_path} holds no transformer blocks (tensors named h.0.*, h.1.*, ...)")
+        require(n_embd in (768, 1024, 1280, 1600), f"{weights_path}: its tensors do not say how many heads it has, "
+                f"and its width {n_embd} is none of GPT-2's four sizes (64-wide heads); put its config.json beside it")
         config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_embd // 64,
                            n_embd=n_embd)
     head = tensors.pop("lm_head.weight", None)
@@ -2471,8 +2471,9 @@ def main(argv=None):
     except (GPTError, OSError, MemoryError, RuntimeError) as e:  # a check's error; a file no check foresaw; memory
         if isinstance(e, RuntimeError) and not out_of_memory(e):
             raise  # any other RuntimeError is a bug in gpt.py: its traceback helps
-        log(f"error: {' '.join(str(e).split()) or type(e).__name__}" + ("" if isinstance(e, (GPTError, OSError)) else
-            " (out of memory: try a smaller model, --batch-size or --block-size)"))
+        process = f" (process {process_rank()} of {process_count()})" if process_rank() else ""  # torchrun's others
+        log(f"error{process}: {' '.join(str(e).split()) or type(e).__name__}" + ("" if isinstance(e, (GPTError, OSError))
+            else " (out of memory: try a smaller model, --batch-size or --block-size)"), every_process=True)
         return 1
 
 

@@ -1234,6 +1234,14 @@ def test_bad_bench_contexts_get_one_line(capsys):
         assert err.count("\n") == 1 and "--contexts" in err and "256,512,1024" in err, err
 
 
+def test_under_torchrun_a_process_other_than_the_first_says_why_it_failed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")  # as torchrun starts the second of two processes; only rank 0 logs progress
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert gpt.main(["train", "--data", str(tmp_path / "only-on-rank-0.txt")]) == 1
+    assert capsys.readouterr().err == f"error (process 1 of 2): data file {str(tmp_path / 'only-on-rank-0.txt')!r} " \
+                                      f"does not exist\n"
+
+
 def test_a_bad_input_on_the_real_command_line_prints_one_line_and_no_traceback(tmp_path):
     result = run_gpt("train", "--data", tmp_path / "missing.txt", "--out-dir", tmp_path / "out")
     assert result.returncode != 0
@@ -1281,6 +1289,7 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
         (["train", "--resume", "--out-dir", tmp_path / "handmade"], ["not saved by train", "optimizer_state"]),
         (["train", "--resume", "--out-dir", tmp_path / "no_moments"], ["optimizer state does not fit"]),
         (["sample", "--init-from", tmp_path / "nulls"], ["config.json", "n_embd", "None"]),
+        (["sample", "--init-from", tmp_path / "bools"], ["config.json", "block_size", "True"]),  # JSON's true is no 1
         (["sample", "--init-from", tmp_path / "negative.safetensors"], ["negative.safetensors", "wte.weight", "shape"]),
         (["sample", "--init-from", tmp_path / "text.safetensors"], ["text.safetensors", "wte.weight", "data_offsets"]),
         (["sample", "--init-from", tmp_path / "flat.safetensors"], ["flat.safetensors", "two matrices"]),
@@ -1291,6 +1300,9 @@ def test_bad_resumes_and_prompts_get_one_clear_line_and_change_nothing(trained, 
     (tmp_path / "listed" / "config.json").write_text("[1, 2]")
     (tmp_path / "listed" / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
     shutil.copytree(tmp_path / "listed", tmp_path / "nulls")  # a config.json whose sizes are not numbers
+    shutil.copytree(tmp_path / "listed", tmp_path / "bools")
+    (tmp_path / "bools" / "config.json").write_text(json.dumps({"vocab_size": 65, "n_positions": True, "n_layer": 1,
+                                                                "n_head": 2, "n_embd": 4}))
     (tmp_path / "nulls" / "config.json").write_text(json.dumps({"vocab_size": 65, "n_positions": 16, "n_layer": 1,
                                                                 "n_head": 2, "n_embd": None}))
     for name, header in {"negative": {"wte.weight": {"dtype": "F32", "shape": [-2, -3], "data_offsets": [0, 24]}},
@@ -2070,11 +2082,11 @@ def test_a_process_killed_outright_brings_the_others_down_and_leaves_a_loadable_
     gpt.model_from_checkpoint(gpt.load_checkpoint(tmp_path / "out" / "last.pt"))
 
 
-def test_a_nan_stops_every_process_with_one_message_and_uneven_shares_are_refused(tmp_path):
+def test_a_nan_stops_every_process_and_the_first_says_why_once_and_uneven_shares_are_refused(tmp_path):
     diverged = torchrun(2, *ddp_args(tmp_path, **{"lr": 1e4, "min-lr": 1e4, "warmup-iters": 0, "max-iters": 200,
                                                   "eval-interval": 100, "out-dir": tmp_path / "nan"}))
     assert diverged.returncode != 0
-    assert diverged.stderr.count("error: training diverged") == 1, diverged.stderr
+    assert diverged.stderr.count("error: training diverged") == 1, diverged.stderr  # others: "error (process 1 of 2)"
     uneven = torchrun(2, *ddp_args(tmp_path, **{"grad-accum": 3, "out-dir": tmp_path / "uneven"}))
     assert uneven.returncode != 0 and uneven.stderr.count("error: --grad-accum 3 is not divisible") == 1, uneven.stderr
 
@@ -2408,15 +2420,21 @@ def test_a_gpt2_file_with_a_missing_or_misshapen_tensor_is_an_error_naming_it(da
 
 
 def test_a_bare_safetensors_file_written_by_hand_loads_with_its_shape_read_off_the_tensors(tmp_path):
-    reference = hf_gpt2(n_layer=2, n_head=2, n_embd=128, block_size=16, vocab_size=11, seed=1, scale=0.05)
+    reference = hf_gpt2(n_layer=2, n_head=12, n_embd=768, block_size=16, vocab_size=11, seed=1, scale=0.05)
     tensors = {name: t.detach().clone() for name, t in reference.transformer.state_dict().items()
                if not name.endswith(".attn.bias")}
     write_safetensors(tmp_path / "weights.safetensors", tensors)
     model = gpt.GPT.from_pretrained(str(tmp_path / "weights.safetensors")).eval()
-    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (2, 2, 128)  # 64-wide heads
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (2, 12, 768)  # GPT-2 small's width
     idx = torch.randint(11, (1, 16))
     with torch.no_grad():
-        assert (model(idx)[0] - reference(idx).logits).abs().max() < 1e-5
+        assert (model(idx)[0] - reference(idx).logits).abs().max() < 1e-4
+    # A width GPT-2 was not released at: one head of 128, or two of 64? The tensors cannot say.
+    other = hf_gpt2(n_layer=1, n_head=1, n_embd=128, block_size=16, vocab_size=11, seed=1)
+    write_safetensors(tmp_path / "other.safetensors", {name: t for name, t in other.transformer.state_dict().items()
+                                                        if not name.endswith(".attn.bias")})
+    with pytest.raises(gpt.GPTError, match="do not say how many heads.*put its config.json beside it"):
+        gpt.GPT.from_pretrained(str(tmp_path / "other.safetensors"))
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
