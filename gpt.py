@@ -1936,7 +1936,7 @@ class TrainingRun:
             self.save("last.pt")
             log(f"stopped at step {self.step}; saved {self.out_dir / 'last.pt'}. " + (f"Continue with: python gpt.py "
                 f"train --resume --out-dir {shlex.quote(str(self.out_dir))}" if self.plan_at is None else "--max-minutes "
-                f"had not planned the run's length yet: start it again, or resume it with --max-iters"))
+                "had not planned the run's length yet: start it again, or resume it with --max-iters"))
         else:
             log(f"done: {self.step} steps in {duration(time.perf_counter() - self.started)}; best val loss "
                 f"{self.best_val:.4f}, saved in {self.out_dir / 'ckpt.pt'}; sample with: python gpt.py sample "
