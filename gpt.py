@@ -503,7 +503,7 @@ def train(cfg, resume_checkpoint=None):
         val_loss = estimate_loss(model, evaluation_batches(val_data, cfg.seed + 2, "val"), run.autocast_ctx)
         return {"train": train_loss.item(), "val": val_loss.item()}
 
-    # In one process share_of(next_batch) is next_batch, and training_model is model (--compile: compiled). With
+    # In one process run.share_of(next_batch) is next_batch, and training_model is model (or compiled). With
     # N processes (torchrun, section 12) each runs grad_accum / N micro-batches, its share; DDP averages the gradients.
     training_model, micro_batches = run.compiled_and_wrapped(model), cfg.grad_accum // process_count()
     with stop_on_ctrl_c() as stop_requested:  # Ctrl-C or SIGTERM: finish the step, save, stop (section 12)
@@ -514,7 +514,7 @@ def train(cfg, resume_checkpoint=None):
             lr = learning_rate(run.step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_step(training_model, optimizer, run.scaler, share_of(next_batch), micro_batches,
+            loss = train_step(training_model, optimizer, run.scaler, run.share_of(next_batch), micro_batches,
                               run.autocast_ctx, cfg.grad_clip)
             run.step += 1
             # Collective: now and then logs the loss, the speed and the ETA; stops on a NaN; True
@@ -1694,11 +1694,6 @@ def process_count():
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def share_of(next_batch):
-    """next_batch called once for each process, on every process (their generators stay in step): this one's kept."""
-    return lambda: [next_batch() for _ in range(process_count())][process_rank()]
-
-
 def gradients_averaged(model, now):
     if isinstance(model, nn.parallel.DistributedDataParallel) and not now:
         return model.no_sync()
@@ -1818,6 +1813,19 @@ class TrainingRun:
         torch.set_rng_state(mine["torch"])
         if self.device.type in mine:
             getattr(torch, self.device.type).set_rng_state(mine[self.device.type])
+
+    def share_of(self, next_batch):
+        """Collective if a batch fails. next_batch called once for each process, on every process (their generators
+        stay in step): this one's kept. A batch the data refuses (a token file damaged, or written over meanwhile)
+        fails on every process at once, and all first save last.pt: the steps since the last evaluation are kept."""
+        def share():
+            try:
+                return [next_batch() for _ in range(process_count())][process_rank()]
+            except GPTError:
+                self.save("last.pt")
+                log(f"saved {self.out_dir / 'last.pt'} at step {self.step}, the last whole one")
+                raise
+        return share
 
     def compiled_and_wrapped(self, model):
         """The model as the training steps run it: compiled with --compile, then wrapped by DDP with

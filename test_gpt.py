@@ -1770,6 +1770,27 @@ def test_a_token_file_prepared_again_while_training_reads_gives_the_run_its_firs
         tokens[torch.arange(len(tokens))]
 
 
+def test_a_batch_the_data_refuses_mid_run_first_saves_the_steps_done(tmp_path, monkeypatch, capsys):
+    cfg = train_cfg(tmp_path, max_iters=30, eval_interval=100)  # one evaluation: at step 0, of 2 + 2 batches
+    tokens = gpt.prepare(gpt.PrepareConfig(data=cfg.data))
+    reads, real_read = [], gpt.TokenFile.__getitem__
+
+    def damaged_after_10_steps(self, index):
+        if isinstance(index, torch.Tensor):  # a batch read, not a slice
+            reads.append(index)
+            if len(reads) == 4 + 10 + 1:
+                raise gpt.GPTError(f"{tokens} holds token ids outside its tokenizer's: prepare it again")
+        return real_read(self, index)
+    monkeypatch.setattr(gpt.TokenFile, "__getitem__", damaged_after_10_steps)
+    with pytest.raises(gpt.GPTError, match="outside its tokenizer"):
+        gpt.train(gpt.dataclasses.replace(cfg, data=str(tokens)))
+    assert capsys.readouterr().err.splitlines()[-1] == f"saved {Path(cfg.out_dir) / 'last.pt'} at step 10, the last whole one"
+    saved = gpt.load_checkpoint(Path(cfg.out_dir) / "last.pt")
+    assert saved["step"] == 10 and [h["step"] for h in saved["history"]] == [0]  # ten steps past the evaluation
+    monkeypatch.setattr(gpt.TokenFile, "__getitem__", real_read)  # the data mended, the run goes on from there
+    assert gpt.train(*gpt.resumed_config({"resume": True, "out_dir": cfg.out_dir}))["step"] == 30
+
+
 def test_data_prepared_with_another_tokenizer_is_refused_with_one_line(trained, tmp_path, capsys):
     data = tmp_path / "data.txt"
     data.write_text(SHAKESPEARE[:20000], encoding="utf-8")
