@@ -747,6 +747,7 @@ def write_atomically(path, write, also=None):
     write(f) fills a temporary file beside it, flushed to disk, then renamed over path. also: a second
     name for the same file (a hard link, or a copy), renamed after path: never the newer of the two."""
     names = [Path(path)] + ([Path(also)] if also else [])
+    names[0].parent.mkdir(parents=True, exist_ok=True)
     for name in names:  # leftovers of a write that was killed (not those of another process writing it now)
         for leftover in name.parent.glob(f".{glob.escape(name.name)}.*.tmp"):
             pid = leftover.name.removesuffix(".tmp").rpartition(".")[2]
@@ -814,10 +815,10 @@ def out_of_memory(e):  # a MemoryError, or a RuntimeError of torch's (CUDA's, MP
 
 
 def check_writable(path, mark, flag_name, kind):  # path's folder takes files; path is absent, or mark is in its head
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        (path.parent / f".write-test.{os.getpid()}").touch()
-        (path.parent / f".write-test.{os.getpid()}").unlink()
+    folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())  # the one path would be made in
+    try:  # (made later, by the first write: a command that fails before it leaves no empty folder)
+        (folder / f".write-test.{os.getpid()}").touch()
+        (folder / f".write-test.{os.getpid()}").unlink()
     except OSError as e:
         raise GPTError(f"cannot write to {flag_name} {str(path.parent)!r}: {e.strerror or e}") from None
     require(not path.exists() or path.is_file() and mark in head(path), f"{flag_name} {str(path)!r} exists and is "
@@ -1770,6 +1771,7 @@ class TrainingRun:
         """Keep the model, its optimizer and the batches' generator, to save them; with --resume,
         give them their saved state. Log what trains on what, and start the clocks."""
         self.model, self.optimizer, self.batch_rng = model, optimizer, batch_rng
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.lock = locked(self.out_dir / ".lock", wait=False) if process_rank() == 0 else None  # until finish()
         require(self.lock or process_rank(), f"another training is writing into {self.out_dir}: wait for it to "
                 f"end, or train into another --out-dir")

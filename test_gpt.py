@@ -1088,6 +1088,8 @@ BAD_INPUTS = [  # (what is wrong, the command line, words its one-line error mus
     ("data is a folder", ["train", "--data", "{tmp}"], ["directory"]),
     ("data not utf-8", ["train", "--data", "{tmp}/latin1.txt"], ["not UTF-8", "byte 11", "line 2"]),
     ("data too short", ["train", "--data", "{tmp}/short.txt", *SMALL], ["too short", "block_size + 1 = 9"]),
+    ("data too short, a new --out-dir", ["train", "--data", "{tmp}/short.txt", *SMALL, "--out-dir", "{tmp}/new/run"],
+     ["too short"]),
     ("n_embd % n_head", [*TRAIN, "--n-embd", "10", "--n-head", "3"], ["n_embd (10)", "divisible", "n_head (3)"]),
     ("n_layer 0", [*TRAIN, "--n-layer", "0"], ["n_layer", "positive", "0"]),
     ("n_head negative", [*TRAIN, "--n-head", "-2"], ["n_head", "-2"]),
@@ -1149,7 +1151,7 @@ def test_a_bad_input_gets_one_clear_line_and_changes_nothing(name, argv, words, 
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     if "--out-dir" not in argv:
         argv += ["--out-dir", str(tmp_path / "out")]
-    before = folder_bytes(tmp_path)
+    before, paths = folder_bytes(tmp_path), sorted(tmp_path.rglob("*"))
     assert gpt.main(argv) != 0
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -1157,7 +1159,7 @@ def test_a_bad_input_gets_one_clear_line_and_changes_nothing(name, argv, words, 
     assert "Traceback" not in err
     for word in words:
         assert word in lines[0], (word, lines[0])
-    assert folder_bytes(tmp_path) == before
+    assert folder_bytes(tmp_path) == before and sorted(tmp_path.rglob("*")) == paths  # not even an empty folder
 
 
 def test_the_contexts_bench_reports_out_of_memory_and_stops_that_variant(monkeypatch, capsys):
