@@ -2428,8 +2428,8 @@ def bench_contexts(cfg, out):
 # ---- 16. Command line ------------------------------------------------------------------------
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # a mistyped flag gets one line, not the whole usage block
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    def error(self, message):  # a mistyped flag gets one line, not the whole usage block (torchrun: from rank 0)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if process_rank() == 0 else None)
 
 
 def build_parser():

@@ -1242,6 +1242,7 @@ def test_under_torchrun_a_process_other_than_the_first_says_why_it_failed(tmp_pa
     assert gpt.main(["train", "--data", str(tmp_path / "only-on-rank-0.txt")]) == 1
     assert capsys.readouterr().err == f"error (process 1 of 2): data file {str(tmp_path / 'only-on-rank-0.txt')!r} " \
                                       f"does not exist\n"
+    assert gpt.main(["train", "--bogus"]) == 2 and capsys.readouterr().err == ""  # the same typo: rank 0 says it once
 
 
 def test_a_bad_input_on_the_real_command_line_prints_one_line_and_no_traceback(tmp_path):
